@@ -1,0 +1,37 @@
+# Every target installs what it needs into $(VENV) first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= cpu,dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+VARIANT ?= hiera_tiny_224
+WEIGHTS ?= random
+REPO ?= model_repository
+ARGS ?=
+
+.PHONY: install test test-fast lint export run bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+export: $(STAMP)
+	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
