@@ -29,6 +29,7 @@ __all__ = [
     "UnsupportedFormat",
     "decode_and_preprocess",
     "decode_image",
+    "draft_size",
     "preprocess",
     "resize_size",
     "to_rgb",
@@ -193,16 +194,21 @@ def decode_and_preprocess(
     allowed_formats: frozenset[str] = DEFAULT_FORMATS,
 ) -> tuple[np.ndarray, DecodedImage]:
     """Decode an upload (JPEG-drafting down to the resize target) and preprocess it for `pp`."""
-    # Keeping both upright sides >= timm's resize target means the resize still only shrinks,
-    # so drafting loses no detail the model would have seen.
-    scale_h, scale_w = _scale_size(pp)
     decoded = decode_image(
         data,
         max_pixels=max_pixels,
         allowed_formats=allowed_formats,
-        draft_size=(scale_w, scale_h),
+        draft_size=draft_size(pp),
     )
     return preprocess(decoded.image, pp), decoded
+
+
+def draft_size(pp: Preprocessing) -> tuple[int, int]:
+    """Return the (width, height) a JPEG may be drafted down to without losing model detail."""
+    # Keeping both upright sides >= timm's resize target means the resize still only shrinks,
+    # so drafting loses no detail the model would have seen.
+    scale_h, scale_w = _scale_size(pp)
+    return scale_w, scale_h
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

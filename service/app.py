@@ -1,0 +1,74 @@
+"""The app factory: `create_app(settings)` builds everything; importing this does nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from service.errors import install_handlers
+from service.inference import InferenceService
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.responses import JSONResponse
+from service.routes import health, native
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FatalCallback = Callable[[BaseException], None]
+
+
+def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> FastAPI:
+    """Build the FastAPI app; the model loads in the background once the server starts.
+
+    `on_fatal` is called if loading fails (the CLI uses it to exit non-zero); readiness stays
+    false either way, so an orchestrator never routes traffic to a server without a model.
+    """
+    metrics = Metrics()
+    service = InferenceService(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.device != "cpu" and metrics.enable_gpu_metrics():
+            log.info("GPU metrics enabled (NVML)")
+        loader = asyncio.create_task(_load(service, on_fatal), name="hiera-load")
+        try:
+            yield
+        finally:
+            if not loader.done():
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+            await service.close()
+
+    app = FastAPI(
+        title="hiera-serve",
+        summary="Hiera image classification and embeddings over HTTP",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
+    install_handlers(app)
+    app.include_router(native.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _load(service: InferenceService, on_fatal: FatalCallback | None) -> None:
+    try:
+        await service.load()
+    except Exception as exc:  # already logged and reflected in readiness by service.fail
+        if on_fatal is not None:
+            on_fatal(exc)
+    finally:
+        service.loaded.set()

@@ -1,0 +1,121 @@
+"""Domain errors and their HTTP answers, mapped in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.batching import (
+    BatcherClosed,
+    BatcherError,
+    DeadlineExceeded,
+    InferenceFailed,
+    QueueFull,
+)
+from service.imaging import (
+    CorruptImage,
+    EmptyImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedFormat,
+)
+from service.logs import request_id_var
+from service.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with a status, a stable code and a message safe to show the client."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class NotReady(ApiError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            503, "not_ready", f"the model is not ready: {reason}", {"Retry-After": "5"}
+        )
+
+
+_IMAGE_STATUS: dict[type[ImageError], int] = {
+    EmptyImage: 400,
+    CorruptImage: 400,
+    UnsupportedFormat: 415,
+    ImageTooLarge: 413,
+}
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Map any exception to the ApiError a client sees; unknown ones become a generic 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageError):
+        return ApiError(_IMAGE_STATUS.get(type(exc), 400), exc.code, str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(429, exc.code, "the server is at capacity; retry shortly",
+                        {"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, exc.code, "the request did not finish within its deadline")
+    if isinstance(exc, BatcherClosed):
+        return ApiError(503, exc.code, "the server is shutting down", {"Retry-After": "5"})
+    if isinstance(exc, InferenceFailed | BatcherError):
+        return ApiError(500, "internal_error", "inference failed; see the server log")
+    return ApiError(500, "internal_error", "internal server error; see the server log")
+
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    return {
+        "error": {"code": error.code, "message": error.message, "request_id": request_id_var.get()}
+    }
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Build the JSON error response for `exc`, logging server-side failures in full."""
+    error = to_api_error(exc)
+    if error.status >= 500 and not isinstance(exc, ApiError):
+        log.error("request failed: %s", error.code, exc_info=exc)
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every exception through `error_response` so all errors share one JSON shape."""
+
+    def respond(request: Request, exc: BaseException) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.failures.labels(reason=to_api_error(exc).code).inc()
+        return error_response(exc)
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return respond(request, exc)
+
+    async def handle_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(request, ApiError(exc.status_code, code, str(exc.detail)))
+
+    async def handle_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return respond(request, ApiError(422, "invalid_request", problems))
+
+    app.add_exception_handler(StarletteHTTPException, handle_http)
+    app.add_exception_handler(RequestValidationError, handle_validation)
+    # Domain errors are handled inside the middleware stack (so responses carry the request
+    # id and count in metrics); anything else reaches RequestContextMiddleware's last resort.
+    for domain_error in (ApiError, ImageError, BatcherError):
+        app.add_exception_handler(domain_error, handle)

@@ -1,0 +1,149 @@
+"""Every Prometheus metric the service exports, defined once, on a registry per app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Sub-millisecond decode of a thumbnail up to multi-second queueing under overload.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 27, 2))  # 1 KiB .. 64 MiB
+PIXEL_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 8e6, 1.6e7, 3.2e7, 6.4e7)
+
+STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
+
+
+class Metrics:
+    """The service's metrics; one instance per app so tests get isolated registries."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "hiera_requests", "HTTP requests answered.", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "hiera_request_duration_seconds",
+            "Time from request received to response ready.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "hiera_stage_duration_seconds",
+            "Time per image in each stage: decode, preprocess, queue, inference, postprocess.",
+            ["endpoint", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "hiera_batch_size", "Images per batch sent to a model.", buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.batch_inference = Histogram(
+            "hiera_batch_inference_seconds",
+            "Wall time of one batch on one model instance.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("hiera_queue_depth", "Images waiting for a batch.", registry=r)
+        self.in_flight = Gauge(
+            "hiera_requests_in_flight", "HTTP requests being handled.", registry=r
+        )
+        self.failures = Counter(
+            "hiera_failures", "Requests or images that failed, by reason.", ["reason"], registry=r
+        )
+        self.image_bytes = Histogram(
+            "hiera_image_bytes", "Encoded size of each image.", buckets=BYTES_BUCKETS, registry=r
+        )
+        self.image_pixels = Histogram(
+            "hiera_image_pixels", "Width x height of each decoded image.", buckets=PIXEL_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.model_load = Gauge(
+            "hiera_model_load_duration_seconds",
+            "Time to load and warm every model instance.",
+            registry=r,
+        )
+        self.ready = Gauge("hiera_ready", "1 when the service accepts inference.", registry=r)
+        self.model_info = Info("hiera_model", "The model being served.", registry=r)
+
+    def enable_gpu_metrics(self) -> bool:
+        """Export NVML utilisation and memory per GPU; False where NVML is unavailable."""
+        collector = NvmlCollector.create()
+        if collector is None:
+            return False
+        self.registry.register(collector)
+        return True
+
+
+class BatcherMetrics:
+    """Adapt the batcher's observer hooks onto Metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def queue_depth(self, depth: int) -> None:
+        self._m.queue_depth.set(depth)
+
+    def queue_wait(self, seconds: float) -> None:
+        pass  # observed per request with its endpoint label, from BatchResult
+
+    def batch_dispatched(self, size: int) -> None:
+        self._m.batch_size.observe(size)
+
+    def batch_done(self, size: int, seconds: float, ok: bool) -> None:
+        self._m.batch_inference.observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        self._m.failures.labels(reason=reason).inc()
+
+
+class NvmlCollector(Collector):
+    """Read GPU utilisation and memory from NVML at scrape time."""
+
+    def __init__(self, nvml: object, handles: list[object]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+
+    @classmethod
+    def create(cls) -> NvmlCollector | None:
+        try:
+            import pynvml  # from nvidia-ml-py, installed with the gpu extra
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        except Exception as exc:  # no library, no driver, or no GPU
+            log.info("GPU metrics disabled: %s", exc)
+            return None
+        return cls(pynvml, handles) if handles else None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nvml = self._nvml
+        util = GaugeMetricFamily(
+            "hiera_gpu_utilization_ratio", "GPU busy fraction over the last sample.", labels=["gpu"]
+        )
+        used = GaugeMetricFamily("hiera_gpu_memory_used_bytes", "GPU memory used.", labels=["gpu"])
+        total = GaugeMetricFamily("hiera_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"])
+        for index, handle in enumerate(self._handles):
+            try:
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)  # type: ignore[attr-defined]
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
+            except Exception:  # a GPU lost mid-scrape must not break /metrics
+                log.warning("NVML read failed for GPU %d", index, exc_info=True)
+                continue
+            util.add_metric([str(index)], rates.gpu / 100.0)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        yield from (util, used, total)

@@ -1,0 +1,90 @@
+"""ASGI middleware: request ids, body-size limit, request metrics, and the last-resort 500."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, error_response
+from service.logs import request_id_var
+from service.metrics import Metrics
+
+_ID_HEADER = b"x-request-id"
+
+
+class RequestContextMiddleware:
+    """Tag every request with an id, refuse oversized bodies early, time it, and answer once."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        incoming = headers.get(_ID_HEADER, b"").decode("latin-1")[:128]
+        request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status: int | None = None
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (_ID_HEADER, request_id.encode()),
+                ]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                # Answer before reading a byte of it.
+                await error_response(self._too_large())(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception as exc:
+            # An error no handler claimed: log it, and answer with a generic 500 that carries
+            # the request id, unless a response is already on the wire.
+            if status is not None:
+                raise
+            await error_response(exc)(scope, receive, send_with_id)
+            self.metrics.failures.labels(reason="internal_error").inc()
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint = _endpoint(scope)
+            self.metrics.requests.labels(endpoint, str(status or 500)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes")
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count streamed body bytes, for chunked uploads that declare no length."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        return limited_receive
+
+
+def _endpoint(scope: Scope) -> str:
+    """Return the matched route's name (set by the router), so labels stay a small fixed set."""
+    route = scope.get("route")
+    return str(getattr(route, "name", None) or "unmatched")

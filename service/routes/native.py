@@ -1,0 +1,235 @@
+"""The native API: /v1/classify, /v1/embed, their batch forms, and /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.errors import ApiError, to_api_error
+from service.inference import InferenceService, Outcome
+from service.logs import request_id_var
+from service.postprocess import encode_base64, normalize, top_k
+from service.responses import JSONResponse
+from service.schemas import (
+    ERROR_RESPONSES,
+    BatchResponse,
+    ClassifyResponse,
+    EmbedResponse,
+    image_body,
+)
+from service.uploads import BATCH_FIELD, SINGLE_FIELD, read_images
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+def get_service(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+TopK = Annotated[int, Query(ge=1, description="number of classes to return")]
+Normalize = Annotated[bool, Query(description="scale the embedding to unit L2 norm")]
+Encoding = Annotated[Literal["float", "base64"], Query(description="float list or base64 f32le")]
+
+Render = Callable[[Outcome], dict[str, Any]]
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(SINGLE_FIELD, batch=False),
+    summary="Top-k ImageNet classes for one image",
+)
+async def classify(request: Request, service: ServiceDep, top_k: TopK = 5) -> JSONResponse:
+    k = _check_top_k(service, top_k)
+    render = _classification(service, k, "classify")
+    return await _single(request, service, "classify", render)
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(BATCH_FIELD, batch=True),
+    summary="Top-k classes for several images; each answered independently",
+)
+async def classify_batch(request: Request, service: ServiceDep, top_k: TopK = 5) -> JSONResponse:
+    k = _check_top_k(service, top_k)
+    return await _batch(
+        request, service, "classify_batch", _classification(service, k, "classify_batch")
+    )
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(SINGLE_FIELD, batch=False),
+    summary="Pooled Hiera embedding for one image",
+)
+async def embed(
+    request: Request, service: ServiceDep, normalize: Normalize = True, encoding: Encoding = "float"
+) -> JSONResponse:
+    return await _single(
+        request, service, "embed", _embedding(service, normalize, encoding, "embed")
+    )
+
+
+@router.post(
+    "/embed/batch",
+    response_model=BatchResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(BATCH_FIELD, batch=True),
+    summary="Embeddings for several images; each answered independently",
+)
+async def embed_batch(
+    request: Request, service: ServiceDep, normalize: Normalize = True, encoding: Encoding = "float"
+) -> JSONResponse:
+    render = _embedding(service, normalize, encoding, "embed_batch")
+    return await _batch(request, service, "embed_batch", render)
+
+
+@router.get("/models", summary="The served model, runtime and batching settings")
+async def models(service: ServiceDep) -> JSONResponse:
+    settings, card = service.settings, service.card
+    entry: dict[str, Any] = {
+        "ready": service.ready,
+        "state": service.state,
+        "backend": service.backend_name,
+        "devices": service.devices,
+        "precision": settings.precision,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_delay_ms": settings.max_delay_ms,
+            "max_queue_size": settings.max_queue_size,
+            "instances": len(service.devices),
+            "request_timeout_s": settings.request_timeout_s,
+        },
+    }
+    if card is not None:
+        entry |= {
+            "name": card.name,
+            "variant": card.variant,
+            "input_size": list(card.preprocessing.input_size),
+            "embed_dim": card.embed_dim,
+            "num_classes": card.num_classes,
+            "preprocessing": {
+                "interpolation": card.preprocessing.interpolation,
+                "crop_pct": card.preprocessing.crop_pct,
+                "mean": card.preprocessing.mean,
+                "std": card.preprocessing.std,
+            },
+            "weights": {
+                "source": card.weights_source,
+                "kind": card.weights_kind,
+                "random": card.random_weights,
+                "sha256": card.weights_sha256,
+                "license": card.weights_license,
+            },
+            "repository": card.repository,
+        }
+    return JSONResponse({"models": [entry]})
+
+
+def _check_top_k(service: InferenceService, k: int) -> int:
+    limit = service.settings.max_top_k
+    if k > limit:
+        raise ApiError(422, "invalid_request", f"top_k must be <= {limit}, got {k}")
+    return k
+
+
+def _classification(service: InferenceService, k: int, endpoint: str) -> Render:
+    def render(outcome: Outcome) -> dict[str, Any]:
+        assert service.card is not None  # predict() only returns once the model is loaded
+        started = time.perf_counter()
+        predictions = top_k(outcome.result.logits, service.card.labels, k)
+        labels = [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]
+        return {"labels": labels, "timing": _timing(service, outcome, started, endpoint)}
+
+    return render
+
+
+def _embedding(service: InferenceService, unit: bool, encoding: str, endpoint: str) -> Render:
+    def render(outcome: Outcome) -> dict[str, Any]:
+        started = time.perf_counter()
+        vector = normalize(outcome.result.embedding) if unit else outcome.result.embedding
+        payload: Any = encode_base64(vector) if encoding == "base64" else vector
+        return {
+            "embedding": payload,
+            "dim": int(vector.shape[0]),
+            "normalized": unit,
+            "encoding": encoding,
+            "timing": _timing(service, outcome, started, endpoint),
+        }
+
+    return render
+
+
+def _timing(
+    service: InferenceService, outcome: Outcome, post_started: float, endpoint: str
+) -> dict[str, Any]:
+    post = time.perf_counter() - post_started
+    service.metrics.stage_duration.labels(endpoint, "postprocess").observe(post)
+    result = outcome.result
+    return {
+        "decode_ms": round(outcome.decode_seconds * 1e3, 3),
+        "preprocess_ms": round(outcome.preprocess_seconds * 1e3, 3),
+        "queue_ms": round(result.queue_seconds * 1e3, 3),
+        "inference_ms": round(result.infer_seconds * 1e3, 3),
+        "postprocess_ms": round(post * 1e3, 3),
+        "batch_size": result.batch_size,
+    }
+
+
+def _deadline(service: InferenceService) -> float:
+    return time.monotonic() + service.settings.request_timeout_s
+
+
+async def _single(
+    request: Request, service: ServiceDep, endpoint: str, render: Render
+) -> JSONResponse:
+    deadline = _deadline(service)
+    (data,) = await read_images(request, field=SINGLE_FIELD, max_images=1)
+    outcome = await service.predict(data, endpoint, deadline)
+    card = service.card
+    assert card is not None
+    return JSONResponse({"model": card.name, **render(outcome)})
+
+
+async def _batch(
+    request: Request, service: ServiceDep, endpoint: str, render: Render
+) -> JSONResponse:
+    deadline = _deadline(service)
+    images = await read_images(
+        request, field=BATCH_FIELD, max_images=service.settings.max_images_per_request
+    )
+
+    async def one(index: int, data: bytes) -> dict[str, Any]:
+        try:
+            return {
+                "index": index,
+                "result": render(await service.predict(data, endpoint, deadline)),
+            }
+        except Exception as exc:  # one bad image fails only its own entry
+            error = to_api_error(exc)
+            if error.status >= 500 and not isinstance(exc, ApiError):
+                log.error("image %d of a batch request failed", index, exc_info=exc)
+            service.metrics.failures.labels(reason=error.code).inc()
+            detail = {
+                "code": error.code,
+                "message": error.message,
+                "request_id": request_id_var.get(),
+            }
+            return {"index": index, "error": detail}
+
+    results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+    name = service.card.name if service.card else None
+    return JSONResponse({"model": name, "results": results})

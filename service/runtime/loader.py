@@ -1,0 +1,246 @@
+"""Turn Settings into a model description plus one backend factory per instance.
+
+Two sources: a model repository written by hiera-export (checksums verified), or a variant
+plus weights, exported on the fly into `export_dir` (reused while the weights are unchanged)
+or, for the eager backend, built directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.artifacts import ArtifactKind, Manifest, ModelRepository, RepositoryError
+from model.hiera import BuiltModel, build
+from model.labels import class_names
+from model.variants import Variant, custom_variant, get_variant
+from service.imaging import Preprocessing
+from service.runtime.base import Backend, BackendError
+from service.runtime.devices import resolve_devices
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[], Backend]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the service tells clients about the model it serves."""
+
+    name: str
+    variant: str
+    preprocessing: Preprocessing
+    embed_dim: int
+    num_classes: int
+    labels: list[str] = field(repr=False)
+    weights_source: str
+    weights_kind: str
+    weights_sha256: str
+    weights_license: str
+    repository: str | None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_kind == "random"
+
+
+@dataclass
+class LoadPlan:
+    """The card plus (device, factory) for every instance the pool will start."""
+
+    card: ModelCard
+    instances: list[tuple[str, BackendFactory]]
+
+
+def plan(settings: Settings) -> LoadPlan:
+    """Resolve what to serve and how; slow (exports, builds), so call it off the event loop."""
+    ensure_backend_available(settings)
+    devices = resolve_devices(settings.device)
+    if settings.model_repository is not None:
+        repo = open_repository(settings.model_repository)
+    elif settings.backend == "eager":
+        built = build(settings.variant, settings.weights or "", seed=settings.seed)
+        return LoadPlan(_card_from_built(built), _eager_instances(built, settings, devices))
+    else:
+        repo, _ = export_on_the_fly(settings)
+    card = _card_from_manifest(repo)
+    if settings.backend == "eager":
+        built = _rebuild(repo.manifest, settings.seed)
+        return LoadPlan(card, _eager_instances(built, settings, devices))
+    artifact = repo.artifact_path(_artifact_kind(settings))
+    return LoadPlan(card, _artifact_instances(artifact, settings, devices))
+
+
+def open_repository(path: Path) -> ModelRepository:
+    """Open a model folder, or the single model folder inside a repository root."""
+    if (path / "manifest.json").is_file():
+        return ModelRepository.load(path)
+    candidates = sorted(p for p in path.glob("*/manifest.json")) if path.is_dir() else []
+    if len(candidates) == 1:
+        return ModelRepository.load(candidates[0].parent)
+    if not candidates:
+        raise RepositoryError(
+            f"{path} holds no model: run `hiera-export --out {path} ...` first, or point "
+            "--model-repository at a folder that contains manifest.json"
+        )
+    names = ", ".join(p.parent.name for p in candidates)
+    raise RepositoryError(f"{path} holds several models ({names}); point at one of them")
+
+
+def export_on_the_fly(settings: Settings) -> tuple[ModelRepository, BuiltModel]:
+    """Export variant + weights into export_dir, reusing an export of the same weights."""
+    from model.export import export_repository
+
+    built = build(settings.variant, settings.weights or "", seed=settings.seed)
+    kind = _artifact_kind(settings)
+    target = settings.export_dir / built.variant.name
+    try:
+        existing = ModelRepository.load(target)
+        if (
+            existing.manifest.weights.state_sha256 == built.weights.state_sha256
+            and kind in existing.manifest.artifacts
+        ):
+            log.info("reusing export %s (same weights sha256)", target)
+            return existing, built
+    except RepositoryError:
+        pass  # absent, stale or tampered: export afresh below
+    log.info("exporting %s (%s) to %s", built.variant.name, kind, target)
+    path = export_repository(
+        built, settings.export_dir, formats=(kind,), overwrite=True, on_step=log.info
+    )
+    return ModelRepository.load(path), built
+
+
+def _artifact_kind(settings: Settings) -> ArtifactKind:
+    if settings.backend == "torchscript":
+        return "torchscript"
+    return "onnx_fp16" if settings.precision == "fp16" else "onnx"
+
+
+def _artifact_instances(
+    artifact: Path, settings: Settings, devices: list[str]
+) -> list[tuple[str, BackendFactory]]:
+    def factory_for(device: str) -> BackendFactory:
+        if settings.backend == "torchscript":
+            from service.runtime.torch_backends import load_torchscript
+
+            return lambda: load_torchscript(artifact, device=device, precision=settings.precision)
+        from service.runtime.onnx import OnnxBackend
+
+        # The fp16 artifact is already half precision; the session itself runs as exported.
+        return lambda: OnnxBackend(
+            artifact,
+            device=device,
+            precision=settings.precision,
+            providers=settings.onnx_providers,
+            intra_op_threads=settings.intra_op_threads,
+        )
+
+    return [
+        (device, factory_for(device))
+        for device in devices
+        for _ in range(settings.instances_per_device)
+    ]
+
+
+def _eager_instances(
+    built: BuiltModel, settings: Settings, devices: list[str]
+) -> list[tuple[str, BackendFactory]]:
+    from service.runtime.torch_backends import TorchBackend
+
+    def factory_for(device: str) -> BackendFactory:
+        # Each instance owns its copy: no weights shared across worker threads or devices.
+        return lambda: TorchBackend(
+            copy.deepcopy(built.module), name="eager", device=device, precision=settings.precision
+        )
+
+    return [
+        (device, factory_for(device))
+        for device in devices
+        for _ in range(settings.instances_per_device)
+    ]
+
+
+def _rebuild(manifest: Manifest, seed: int) -> BuiltModel:
+    """Rebuild the eager model a repository was exported from, and prove it is the same."""
+    record = manifest.variant
+    variant: Variant = (
+        custom_variant(record.timm_name, record.name, **record.model_kwargs)
+        if record.model_kwargs
+        else get_variant(f"{record.timm_name}.{record.pretrained_tag}")
+    )
+    source = manifest.weights
+    weights = "pretrained" if source.kind == "pretrained" else source.source
+    built = build(variant, weights, seed=source.seed if source.seed is not None else seed)
+    if built.weights.state_sha256 != source.state_sha256:
+        raise BackendError(
+            f"the eager backend rebuilt {record.name} from {source.source}, but the weights "
+            "differ from the ones this repository was exported with; re-export, or serve "
+            "with --variant/--weights instead of --model-repository"
+        )
+    return built
+
+
+def _card_from_manifest(repo: ModelRepository) -> ModelCard:
+    m = repo.manifest
+    pp = m.preprocessing
+    return ModelCard(
+        name=m.name,
+        variant=m.variant.name,
+        preprocessing=Preprocessing(
+            input_size=pp.input_size,
+            mean=pp.mean,
+            std=pp.std,
+            interpolation=pp.interpolation,
+            crop_pct=pp.crop_pct,
+            crop_mode=pp.crop_mode,
+        ),
+        embed_dim=m.embed_dim,
+        num_classes=m.num_classes,
+        labels=repo.labels,
+        weights_source=m.weights.source,
+        weights_kind=m.weights.kind,
+        weights_sha256=m.weights.state_sha256,
+        weights_license=m.weights.license,
+        repository=str(repo.path),
+    )
+
+
+def _card_from_built(built: BuiltModel) -> ModelCard:
+    v = built.variant
+    names, _ = class_names(v)
+    return ModelCard(
+        name=v.name,
+        variant=v.name,
+        preprocessing=Preprocessing(
+            input_size=v.input_size,
+            mean=v.mean,
+            std=v.std,
+            interpolation=v.interpolation,
+            crop_pct=v.crop_pct,
+            crop_mode=v.crop_mode,
+        ),
+        embed_dim=v.embed_dim,
+        num_classes=v.num_classes,
+        labels=names,
+        weights_source=built.weights.source,
+        weights_kind=built.weights.kind,
+        weights_sha256=built.weights.state_sha256,
+        weights_license="n/a (random init)" if built.weights.is_random else v.license,
+        repository=None,
+    )
+
+
+def ensure_backend_available(settings: Settings) -> None:
+    """Fail fast with an install hint when the chosen runtime is not installed."""
+    if settings.backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise BackendError(
+                "the onnx backend needs ONNX Runtime: pip install 'hiera-serve[cpu]' (or [gpu])"
+            ) from exc

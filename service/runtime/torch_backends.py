@@ -1,0 +1,55 @@
+"""PyTorch backends: a traced TorchScript file, or the eager module built from weights."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.runtime.base import BackendError
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    """Run a module that maps [B, 3, H, W] to (logits, embedding) on one device."""
+
+    def __init__(self, module: torch.nn.Module, *, name: str, device: str, precision: str):
+        if precision == "fp16" and device == "cpu":
+            raise BackendError("fp16 autocast is a GPU feature; use bf16 or fp32 on the CPU")
+        self.name = name
+        self.device = device
+        self.precision = precision
+        self._torch_device = torch.device(device)
+        self._module = module.to(self._torch_device).eval()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self._torch_device.type, dtype=_DTYPES[self.precision])
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            logits, embedding = self._module(images)
+        # .cpu() synchronises the stream, so the result is complete when we return.
+        return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
+
+    def close(self) -> None:
+        del self._module
+        if self._torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_torchscript(path: Path, *, device: str, precision: str) -> TorchBackend:
+    """Load a traced `model.ts` onto `device`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "jit is deprecated"; still the format
+        try:
+            module = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:
+            raise BackendError(f"cannot load TorchScript file {path}: {exc}") from exc
+    return TorchBackend(module, name="torchscript", device=device, precision=precision)

@@ -1,0 +1,99 @@
+"""All service configuration in one validated object, filled by HIERA_* env vars and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["onnx", "torchscript", "eager"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class Settings(BaseSettings):
+    """hiera-serve configuration; every field is also `HIERA_<FIELD>` and `--<field>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIERA_",
+        extra="forbid",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="hiera-serve",
+        validate_default=True,
+    )
+
+    # What to serve.
+    model_repository: Path | None = Field(
+        None,
+        description="model folder written by hiera-export (holding manifest.json), or a "
+        "repository root holding exactly one such folder; checksums are verified at load",
+    )
+    variant: str = Field(
+        "hiera_tiny_224", description="Hiera variant to export on the fly when no repository"
+    )
+    weights: str | None = Field(
+        None,
+        description="'pretrained', a checkpoint path or 'random'; used with --variant when "
+        "--model-repository is not given (exports into --export-dir first)",
+    )
+    seed: int = Field(0, description="seed for --weights random")
+    export_dir: Path = Field(
+        Path("model_repository"), description="where on-the-fly exports are written and reused"
+    )
+
+    # How to run it.
+    backend: BackendName = Field("onnx", description="runtime: onnx, torchscript or eager")
+    device: DeviceName = Field("auto", description="auto picks CUDA when present, else CPU")
+    precision: Precision = Field(
+        "fp32",
+        description="fp32; fp16 (ONNX: the fp16 artifact; torch: autocast); bf16 (torch only)",
+    )
+    onnx_providers: list[str] | None = Field(
+        None,
+        description="ONNX Runtime execution providers in priority order (default: TensorRT, "
+        "CUDA, CPU, whichever are available and allowed by --device)",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="threads per instance; 0 = runtime default")
+    instances_per_device: int = Field(1, ge=1, le=64, description="model instances per device")
+
+    # Batching and admission.
+    max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch sent to a model")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="wait at most this long after a batch's first request"
+    )
+    max_queue_size: int = Field(256, ge=1, description="requests waiting beyond this get 429")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="per-request deadline; requests past it get 504"
+    )
+    decode_threads: int = Field(4, ge=1, le=256, description="threads decoding images")
+
+    # Input limits.
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="largest decoded image, width x height"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="images in one batch request")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+
+    # Process.
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="level")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on shutdown, finish queued requests for at most this long"
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Self:
+        if self.model_repository is None and self.weights is None:
+            raise ValueError(
+                "nothing to serve: set --model-repository (a folder from hiera-export) or "
+                "--weights (pretrained, a checkpoint path, or random) with --variant"
+            )
+        if self.precision == "bf16" and self.backend == "onnx":
+            raise ValueError("precision bf16 needs --backend torchscript or eager")
+        return self

@@ -1,0 +1,90 @@
+"""Helpers for the service tests: images, a running app, and reference answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from fastapi import FastAPI
+from PIL import Image
+
+from model.hiera import BuiltModel
+from service.app import create_app
+from service.imaging import Preprocessing, decode_and_preprocess
+from service.settings import Settings
+
+MICRO_PP = Preprocessing(
+    input_size=(224, 224),
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bicubic",
+    crop_pct=0.9,
+)
+
+
+def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:
+    """Return an encoded image of random smooth-ish colours, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def reference(built: BuiltModel, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Return eager (logits, embedding) for one encoded image, unbatched."""
+    tensor, _ = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8)
+    with torch.inference_mode():
+        logits, embedding = built.module(torch.from_numpy(tensor)[None])
+    return logits[0].numpy(), embedding[0].numpy()
+
+
+def repository_settings(repository: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "model_repository": repository,
+        "backend": "onnx",
+        "device": "cpu",
+        "intra_op_threads": 1,
+        "max_batch_size": 4,
+        "max_delay_ms": 20.0,
+        "decode_threads": 2,
+        "log_format": "text",
+    }
+    return Settings(**(values | overrides))
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan, wait for loading to end, and yield a client bound to it."""
+    async with app.router.lifespan_context(app):
+        await app.state.service.loaded.wait()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hiera.test") as client:
+            yield client
+
+
+@contextlib.asynccontextmanager
+async def serving(repository: Path, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(create_app(repository_settings(repository, **overrides))) as client:
+        yield client
+
+
+def sample(app: FastAPI, name: str, **labels: str) -> float:
+    """Return a metric sample's current value (0 when it has not been observed yet)."""
+    value = app.state.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
+async def wait_until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    """Poll `condition` on the event loop until it holds; fail the test after `within_s`."""
+    async with asyncio.timeout(within_s):
+        while not condition():  # noqa: ASYNC110 - the code under test exposes no event for this
+            await asyncio.sleep(0.005)
