@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 VARIANT ?= hiera_tiny_224
 WEIGHTS ?= random
 REPO ?= model_repository
+HOST ?= 127.0.0.1
+PORT ?= 8000
 ARGS ?=
 
 .PHONY: install test test-fast lint export run bench clean
@@ -32,6 +34,12 @@ lint: $(STAMP)
 
 export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
+
+# Serves VARIANT with WEIGHTS (random by default, so it works offline; loudly labelled as such).
+# The ONNX export lands in REPO and is reused while the weights stay the same.
+run: $(STAMP)
+	$(VENV)/bin/hiera-serve --variant $(VARIANT) --weights $(WEIGHTS) --export-dir $(REPO) \
+		--host $(HOST) --port $(PORT) --log-format text $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

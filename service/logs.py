@@ -16,7 +16,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        record.request_id = request_id_var.get() or "-"
         return True
 
 
@@ -31,8 +31,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None)
-        if request_id:
+        request_id = getattr(record, "request_id", "-")
+        if request_id != "-":
             entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

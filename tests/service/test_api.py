@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,33 @@ async def test_metrics_move_by_the_right_amounts(micro_repository: Path) -> None
     assert sample(app, "hiera_model_load_duration_seconds") > 0
     assert 'hiera_requests_total{endpoint="classify",status="200"} 3.0' in text
     assert "hiera_queue_depth" in text and "hiera_requests_in_flight" in text
+
+
+async def test_openapi_documents_image_bodies(micro_repository: Path) -> None:
+    async with running(create_app(repository_settings(micro_repository))) as client:
+        spec = (await client.get("/openapi.json")).json()
+        docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    single = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert single["image/jpeg"]["schema"] == {"type": "string", "format": "binary"}
+    assert single["multipart/form-data"]["schema"]["required"] == ["image"]
+    batch = spec["paths"]["/v1/embed/batch"]["post"]["requestBody"]["content"]
+    images = batch["multipart/form-data"]["schema"]["properties"]["images"]
+    assert images["type"] == "array" and images["items"]["format"] == "binary"
+    responses = spec["paths"]["/v1/classify"]["post"]["responses"]
+    assert {"200", "413", "415", "429", "503", "504"} <= set(responses)
+
+
+async def test_chunked_body_over_the_limit_is_refused(micro_repository: Path) -> None:
+    app = create_app(repository_settings(micro_repository, max_body_bytes=4096))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"\xff" * 1024
+
+    async with running(app) as client:
+        response = await client.post(
+            "/v1/classify", content=chunks(), headers={"Content-Type": "image/jpeg"}
+        )
+    assert "content-length" not in response.request.headers
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "body_too_large")
