@@ -35,6 +35,12 @@ lint: $(STAMP)
 export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
 
+# Raw runtime vs the HTTP service in one run; prints a table and writes bench/results/*.json.
+bench: $(STAMP)
+	test -f $(REPO)/$(VARIANT)/manifest.json || $(VENV)/bin/hiera-export --variant $(VARIANT) \
+		--weights $(WEIGHTS) --out $(REPO)
+	$(VENV)/bin/hiera-bench --model-repository $(REPO)/$(VARIANT) $(ARGS)
+
 # Serves VARIANT with WEIGHTS (random by default, so it works offline; loudly labelled as such).
 # The ONNX export lands in REPO and is reused while the weights stay the same.
 run: $(STAMP)
