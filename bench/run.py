@@ -87,7 +87,7 @@ def _raw(factory: Any, batch_size: int, shape: tuple[int, ...], seconds: float) 
     batch = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
     for _ in range(2):
         backend.infer(batch)
-    latencies = []
+    latencies: list[float] = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or len(latencies) < 3:
         t0 = time.perf_counter()

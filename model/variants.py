@@ -86,6 +86,8 @@ def get_variant(name: str) -> Variant:
 def custom_variant(base: str, name: str, **model_kwargs: Any) -> Variant:
     """Derive a variant with different architecture kwargs (used for small test models)."""
     parent = get_variant(base)
+    # Kwargs read back from a JSON manifest carry lists where timm expects tuples.
+    model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
     embed_dim, num_classes = _measure(parent.timm_name, tuple(sorted(model_kwargs.items())))
     return replace(
         parent,

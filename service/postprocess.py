@@ -25,10 +25,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
     """Return the k most probable classes, best first (ties broken by lower index)."""
     probabilities = softmax(logits)
-    k = min(k, probabilities.shape[0])
-    # argpartition is O(C); only the k winners are sorted.
-    candidates = np.argpartition(-probabilities, k - 1)[:k]
-    order = sorted(candidates.tolist(), key=lambda i: (-probabilities[i], i))
+    # A stable sort keeps equal scores in index order, also across the k-th place (which
+    # argpartition does not); for C = 1000 it costs ~20 us.
+    order = np.argsort(-probabilities, kind="stable")[:k].tolist()
     return [Prediction(i, labels[i], float(probabilities[i])) for i in order]
 
 
