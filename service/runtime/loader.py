@@ -60,6 +60,11 @@ def plan(settings: Settings) -> LoadPlan:
     """Resolve what to serve and how; slow (exports, builds), so call it off the event loop."""
     ensure_backend_available(settings)
     devices = resolve_devices(settings.device)
+    if settings.backend != "onnx" and settings.intra_op_threads:
+        import torch
+
+        # torch's intra-op pool is process-wide: every torch instance shares this setting.
+        torch.set_num_threads(settings.intra_op_threads)
     if settings.model_repository is not None:
         repo = open_repository(settings.model_repository)
     elif settings.backend == "eager":

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import generate_latest
+
+from service.metrics import BatcherMetrics, Metrics
+
+
+class FakeNvml:
+    """Just enough of pynvml for two GPUs, the second of which fails to read."""
+
+    def __init__(self, fail_init: bool = False) -> None:
+        self.fail_init = fail_init
+
+    def nvmlInit(self) -> None:
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        if handle == 1:
+            raise RuntimeError("GPU is lost")
+        return SimpleNamespace(gpu=37, memory=12)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=77 * 2**30)
+
+
+def test_gpu_metrics_read_nvml_at_scrape_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    metrics = Metrics()
+    assert metrics.enable_gpu_metrics()
+    text = generate_latest(metrics.registry).decode()
+    assert 'hiera_gpu_utilization_ratio{gpu="0"} 0.37' in text
+    assert f'hiera_gpu_memory_used_bytes{{gpu="0"}} {float(3 * 2**30)}' in text
+    assert f'hiera_gpu_memory_total_bytes{{gpu="0"}} {float(80 * 2**30)}' in text
+    assert 'gpu="1"' not in text  # a GPU that fails to read is skipped, the scrape still works
+
+
+def test_gpu_metrics_disabled_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
+    metrics = Metrics()
+    assert not metrics.enable_gpu_metrics()
+    assert "hiera_gpu" not in generate_latest(metrics.registry).decode()
+
+
+def test_batcher_observer_feeds_metrics() -> None:
+    metrics = Metrics()
+    observer = BatcherMetrics(metrics)
+    observer.queue_depth(7)
+    observer.batch_dispatched(4)
+    observer.batch_dispatched(2)
+    observer.batch_done(4, 0.05, ok=True)
+    observer.dropped("cancelled")
+    observer.dropped("cancelled")
+    value = metrics.registry.get_sample_value
+    assert value("hiera_queue_depth") == 7
+    assert value("hiera_batch_size_count") == 2 and value("hiera_batch_size_sum") == 6
+    assert value("hiera_batch_inference_seconds_sum") == pytest.approx(0.05)
+    assert value("hiera_failures_total", {"reason": "cancelled"}) == 2
+
+
+def test_registries_are_independent() -> None:
+    first, second = Metrics(), Metrics()
+    first.requests.labels("classify", "200").inc()
+    assert second.registry.get_sample_value(
+        "hiera_requests_total", {"endpoint": "classify", "status": "200"}
+    ) is None
