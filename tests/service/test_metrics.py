@@ -38,11 +38,13 @@ def test_gpu_metrics_read_nvml_at_scrape_time(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
     metrics = Metrics()
     assert metrics.enable_gpu_metrics()
-    text = generate_latest(metrics.registry).decode()
-    assert 'hiera_gpu_utilization_ratio{gpu="0"} 0.37' in text
-    assert f'hiera_gpu_memory_used_bytes{{gpu="0"}} {float(3 * 2**30)}' in text
-    assert f'hiera_gpu_memory_total_bytes{{gpu="0"}} {float(80 * 2**30)}' in text
-    assert 'gpu="1"' not in text  # a GPU that fails to read is skipped, the scrape still works
+    value = metrics.registry.get_sample_value
+    assert value("hiera_gpu_utilization_ratio", {"gpu": "0"}) == pytest.approx(0.37)
+    assert value("hiera_gpu_memory_used_bytes", {"gpu": "0"}) == 3 * 2**30
+    assert value("hiera_gpu_memory_total_bytes", {"gpu": "0"}) == 80 * 2**30
+    # A GPU that fails to read is skipped; the scrape itself still works.
+    assert value("hiera_gpu_utilization_ratio", {"gpu": "1"}) is None
+    assert "hiera_gpu_utilization_ratio gauge" in generate_latest(metrics.registry).decode()
 
 
 def test_gpu_metrics_disabled_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +73,9 @@ def test_batcher_observer_feeds_metrics() -> None:
 def test_registries_are_independent() -> None:
     first, second = Metrics(), Metrics()
     first.requests.labels("classify", "200").inc()
-    assert second.registry.get_sample_value(
-        "hiera_requests_total", {"endpoint": "classify", "status": "200"}
-    ) is None
+    assert (
+        second.registry.get_sample_value(
+            "hiera_requests_total", {"endpoint": "classify", "status": "200"}
+        )
+        is None
+    )
