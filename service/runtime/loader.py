@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.artifacts import ArtifactKind, Manifest, ModelRepository, RepositoryError
+from model.artifacts import Preprocessing as ManifestPreprocessing
 from model.hiera import BuiltModel, build
 from model.labels import class_names
 from model.variants import Variant, custom_variant, get_variant
@@ -192,18 +193,10 @@ def _rebuild(manifest: Manifest, seed: int) -> BuiltModel:
 
 def _card_from_manifest(repo: ModelRepository) -> ModelCard:
     m = repo.manifest
-    pp = m.preprocessing
     return ModelCard(
         name=m.name,
         variant=m.variant.name,
-        preprocessing=Preprocessing(
-            input_size=pp.input_size,
-            mean=pp.mean,
-            std=pp.std,
-            interpolation=pp.interpolation,
-            crop_pct=pp.crop_pct,
-            crop_mode=pp.crop_mode,
-        ),
+        preprocessing=_preprocessing(m.preprocessing),
         embed_dim=m.embed_dim,
         num_classes=m.num_classes,
         labels=repo.labels,
@@ -221,14 +214,7 @@ def _card_from_built(built: BuiltModel) -> ModelCard:
     return ModelCard(
         name=v.name,
         variant=v.name,
-        preprocessing=Preprocessing(
-            input_size=v.input_size,
-            mean=v.mean,
-            std=v.std,
-            interpolation=v.interpolation,
-            crop_pct=v.crop_pct,
-            crop_mode=v.crop_mode,
-        ),
+        preprocessing=_preprocessing(v),
         embed_dim=v.embed_dim,
         num_classes=v.num_classes,
         labels=names,
@@ -237,6 +223,18 @@ def _card_from_built(built: BuiltModel) -> ModelCard:
         weights_sha256=built.weights.state_sha256,
         weights_license="n/a (random init)" if built.weights.is_random else v.license,
         repository=None,
+    )
+
+
+def _preprocessing(source: Variant | ManifestPreprocessing) -> Preprocessing:
+    """Copy the eval-transform fields, which a Variant and a manifest name alike."""
+    return Preprocessing(
+        input_size=source.input_size,
+        mean=source.mean,
+        std=source.std,
+        interpolation=source.interpolation,
+        crop_pct=source.crop_pct,
+        crop_mode=source.crop_mode,
     )
 
 
