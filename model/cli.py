@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list_variants:
-        _print_catalogue(Console())
+        # Rich assumes 80 columns when piped, which truncates the table.
+        _print_catalogue(Console(width=None if sys.stdout.isatty() else 140))
         return 0
     if not args.variant or not args.weights:
         console.print("[red]error:[/] --variant and --weights are required (see --help)")

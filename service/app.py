@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from prometheus_client import disable_created_metrics
 
 from service.errors import install_handlers
 from service.inference import InferenceService
@@ -28,6 +29,8 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     `on_fatal` is called if loading fails (the CLI uses it to exit non-zero); readiness stays
     false either way, so an orchestrator never routes traffic to a server without a model.
     """
+    # The *_created series double /metrics for no dashboard use; process-wide, set per app.
+    disable_created_metrics()
     metrics = Metrics()
     service = InferenceService(settings, metrics)
 

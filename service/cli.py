@@ -5,9 +5,12 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
+
+from service.settings import Settings
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -16,13 +19,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
     from service.app import create_app
     from service.logs import configure_logging
-    from service.settings import Settings
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = CliApp.run(Settings, cli_args=args)
     except ValidationError as exc:
-        print(f"hiera-serve: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"hiera-serve: invalid configuration: {_describe(exc)}", file=sys.stderr)
+        return 2
+    if problem := _missing_paths(settings):
+        print(f"hiera-serve: invalid configuration: {problem}", file=sys.stderr)  # before binding
         return 2
     configure_logging(settings.log_format, settings.log_level)
 
@@ -50,6 +55,27 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)
     server.run()
     return 1 if failed else 0
+
+
+def _describe(exc: ValidationError) -> str:
+    """Render validation errors as one line each, without pydantic's boilerplate."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"--{where.replace('_', '-')}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def _missing_paths(settings: Settings) -> str | None:
+    repository = settings.model_repository
+    if repository is not None and not repository.exists():
+        return f"--model-repository {repository} does not exist; run hiera-export first"
+    weights = settings.weights
+    is_path = repository is None and weights not in (None, "pretrained", "random")
+    if is_path and not Path(str(weights)).expanduser().is_file():
+        return f"--weights {weights} is not a file (nor 'pretrained' or 'random')"
+    return None
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def decode_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     allowed = _normalize_formats(allowed_formats)
     if not data:
-        raise EmptyImage("the request body is empty; send the image file's bytes")
+        raise EmptyImage("the image is empty (0 bytes); send the image file's bytes")
     with _open(data, allowed, max_pixels) as img:
         fmt = str(img.format)
         width, height = img.size

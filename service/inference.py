@@ -11,10 +11,16 @@ from typing import Literal
 
 import numpy as np
 
+from model.artifacts import RepositoryError
+from model.checkpoints import CheckpointError
+from model.export import ExportError
+from model.hiera import WeightsUnavailable
+from model.variants import UnknownVariant
 from service import imaging
 from service.batching import BatchResult, DynamicBatcher
 from service.errors import NotReady
 from service.metrics import BatcherMetrics, Metrics
+from service.runtime.base import BackendError
 from service.runtime.loader import ModelCard, plan
 from service.runtime.pool import RuntimePool
 from service.settings import Settings
@@ -22,6 +28,16 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "draining", "failed", "stopped"]
+
+# Errors that come from what the operator asked for (paths, weights, devices), not from bugs.
+_CONFIGURATION_ERRORS = (
+    RepositoryError,
+    CheckpointError,
+    WeightsUnavailable,
+    BackendError,
+    ExportError,
+    UnknownVariant,
+)
 
 
 @dataclass(frozen=True)
@@ -105,8 +121,12 @@ class InferenceService:
 
     def fail(self, exc: BaseException) -> None:
         """Mark the service not ready after a load failure, a backend error or a dead worker."""
-        log.error("model failure, readiness is now false: %r", exc, exc_info=exc)
-        self.metrics.failures.labels(reason="backend_error").inc()
+        if isinstance(exc, _CONFIGURATION_ERRORS):
+            # The message says what to fix; a traceback would only bury it.
+            log.error("cannot serve: %s", exc)
+        else:
+            log.error("model failure, readiness is now false: %r", exc, exc_info=exc)
+        self.metrics.runtime_errors.inc()
         self._set_state("failed", f"{type(exc).__name__} in the model runtime")
 
     async def close(self) -> None:

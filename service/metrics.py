@@ -61,7 +61,21 @@ class Metrics:
             "hiera_requests_in_flight", "HTTP requests being handled.", registry=r
         )
         self.failures = Counter(
-            "hiera_failures", "Requests or images that failed, by reason.", ["reason"], registry=r
+            "hiera_failures",
+            "Requests or images answered with an error, once each, by error code.",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "hiera_dropped",
+            "Queued images dropped before reaching the model (cancelled, deadline, closed).",
+            ["reason"],
+            registry=r,
+        )
+        self.runtime_errors = Counter(
+            "hiera_runtime_errors",
+            "Model runtime failures (load, inference, dead worker); each one flips readiness.",
+            registry=r,
         )
         self.image_bytes = Histogram(
             "hiera_image_bytes", "Encoded size of each image.", buckets=BYTES_BUCKETS, registry=r
@@ -106,7 +120,7 @@ class BatcherMetrics:
         self._m.batch_inference.observe(seconds)
 
     def dropped(self, reason: str) -> None:
-        self._m.failures.labels(reason=reason).inc()
+        self._m.dropped.labels(reason=reason).inc()
 
 
 class NvmlCollector(Collector):

@@ -44,13 +44,10 @@ class RequestContextMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
+        declared = headers.get(b"content-length", b"")
+        declared_bytes = int(declared) if declared.isdigit() else None
         try:
-            declared = headers.get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
-                # Answer before reading a byte of it.
-                await error_response(self._too_large())(scope, receive, send_with_id)
-            else:
-                await self.app(scope, self._limited(receive), send_with_id)
+            await self.app(scope, self._limited(receive, declared_bytes), send_with_id)
         except Exception as exc:
             # An error no handler claimed: log it, and answer with a generic 500 that carries
             # the request id, unless a response is already on the wire.
@@ -68,12 +65,18 @@ class RequestContextMiddleware:
     def _too_large(self) -> ApiError:
         return ApiError(413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes")
 
-    def _limited(self, receive: Receive) -> Receive:
-        """Count streamed body bytes, for chunked uploads that declare no length."""
+    def _limited(self, receive: Receive, declared_bytes: int | None) -> Receive:
+        """Refuse an over-long body at the first read, before any of it is buffered.
+
+        The route is resolved by then, so the 413 is counted under its real endpoint. A chunked
+        upload declares no length: its bytes are counted as they stream in.
+        """
         received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
+            if declared_bytes is not None and declared_bytes > self.max_body_bytes:
+                raise self._too_large()
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -87,4 +90,8 @@ class RequestContextMiddleware:
 def _endpoint(scope: Scope) -> str:
     """Return the matched route's name (set by the router), so labels stay a small fixed set."""
     route = scope.get("route")
-    return str(getattr(route, "name", None) or "unmatched")
+    if route is not None:
+        return str(route.name)
+    # Plain Starlette routes (/docs, /openapi.json) only leave their endpoint function.
+    endpoint = scope.get("endpoint")
+    return str(getattr(endpoint, "__name__", "unmatched"))

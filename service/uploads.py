@@ -43,14 +43,16 @@ async def _multipart(request: Request, field: str, max_images: int) -> list[byte
         detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
         raise ApiError(400, "invalid_multipart", f"cannot parse multipart body: {detail}") from exc
     try:
-        uploads = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
+        values = form.getlist(field)
+        uploads = [item for item in values if isinstance(item, UploadFile)]
         if not uploads:
             present = sorted(set(form.keys())) or "none"
-            raise ApiError(
-                400,
-                "missing_image",
-                f"multipart body has no file field '{field}' (fields: {present})",
+            hint = (
+                f"'{field}' is a text field; send it as a file (curl: -F {field}=@photo.jpg)"
+                if values
+                else f"multipart body has no file field '{field}' (fields: {present})"
             )
+            raise ApiError(400, "missing_image", hint)
         if field == SINGLE_FIELD and len(uploads) > 1:
             raise ApiError(
                 400, "too_many_images",

@@ -104,19 +104,21 @@ def export_on_the_fly(settings: Settings) -> tuple[ModelRepository, BuiltModel]:
     built = build(settings.variant, settings.weights or "", seed=settings.seed)
     kind = _artifact_kind(settings)
     target = settings.export_dir / built.variant.name
+    formats: set[ArtifactKind] = {kind}
     try:
         existing = ModelRepository.load(target)
-        if (
-            existing.manifest.weights.state_sha256 == built.weights.state_sha256
-            and kind in existing.manifest.artifacts
-        ):
-            log.info("reusing export %s (same weights sha256)", target)
-            return existing, built
+        if existing.manifest.weights.state_sha256 == built.weights.state_sha256:
+            if kind in existing.manifest.artifacts:
+                log.info("reusing export %s (same weights sha256)", target)
+                return existing, built
+            # Same weights, another backend: keep what is there so servers using the other
+            # artifacts still find them after this export replaces the folder.
+            formats |= set(existing.manifest.artifacts)
     except RepositoryError:
         pass  # absent, stale or tampered: export afresh below
-    log.info("exporting %s (%s) to %s", built.variant.name, kind, target)
+    log.info("exporting %s (%s) to %s", built.variant.name, ", ".join(sorted(formats)), target)
     path = export_repository(
-        built, settings.export_dir, formats=(kind,), overwrite=True, on_step=log.info
+        built, settings.export_dir, formats=sorted(formats), overwrite=True, on_step=log.info
     )
     return ModelRepository.load(path), built
 

@@ -106,7 +106,7 @@ def _warm_up(backend: Backend, sample: np.ndarray, max_batch_size: int) -> float
     # autotuning then happen here instead of inside a client's first request.
     started = time.perf_counter()
     for size in range(1, max_batch_size + 1):
-        batch = np.ascontiguousarray(np.broadcast_to(sample, (size, *sample.shape)))
+        batch = np.repeat(sample[None], size, axis=0)  # a writable copy, like real batches
         backend.infer(batch)
     return time.perf_counter() - started
 

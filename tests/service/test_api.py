@@ -178,6 +178,9 @@ async def test_size_limits(micro_repository: Path) -> None:
                    for i in range(3)],
         )  # fmt: skip
     assert (body.status_code, body.json()["error"]["code"]) == (413, "body_too_large")
+    # Counted under the endpoint it was sent to, once, by its error code.
+    assert sample(app, "hiera_requests_total", endpoint="classify", status="413") == 2
+    assert sample(app, "hiera_failures_total", reason="body_too_large") == 1
     assert (pixels.status_code, pixels.json()["error"]["code"]) == (413, "image_too_large")
     assert (many.status_code, many.json()["error"]["code"]) == (413, "too_many_images")
 
@@ -224,7 +227,8 @@ async def test_metrics_move_by_the_right_amounts(micro_repository: Path) -> None
 
 
 async def test_openapi_documents_image_bodies(micro_repository: Path) -> None:
-    async with running(create_app(repository_settings(micro_repository))) as client:
+    app = create_app(repository_settings(micro_repository))
+    async with running(app) as client:
         spec = (await client.get("/openapi.json")).json()
         docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -236,6 +240,7 @@ async def test_openapi_documents_image_bodies(micro_repository: Path) -> None:
     assert images["type"] == "array" and images["items"]["format"] == "binary"
     responses = spec["paths"]["/v1/classify"]["post"]["responses"]
     assert {"200", "413", "415", "429", "503", "504"} <= set(responses)
+    assert sample(app, "hiera_requests_total", endpoint="openapi", status="200") == 1
 
 
 async def test_chunked_body_over_the_limit_is_refused(micro_repository: Path) -> None:

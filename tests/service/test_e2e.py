@@ -129,12 +129,25 @@ def client_posts(
 
 
 def test_server_exits_nonzero_when_the_model_cannot_load(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
     log = tmp_path / "server.log"
-    process = _serve("--model-repository", str(tmp_path / "absent"), "--port",
-                     str(_free_port()), log=log)  # fmt: skip
+    process = _serve("--model-repository", str(empty), "--port", str(_free_port()), log=log)
     try:
         assert process.wait(timeout=60) == 1
     finally:
         if process.poll() is None:
             process.kill()
-    assert "hiera-export" in log.read_text()
+    errors = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    (failure,) = [e for e in errors if e["level"] == "error"]
+    assert "holds no model" in failure["message"] and "hiera-export" in failure["message"]
+    assert "exc" not in failure  # a configuration error is one clear line, not a traceback
+
+
+def test_server_refuses_a_missing_path_before_binding(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    process = _serve("--model-repository", str(tmp_path / "absent"), log=log)
+    assert process.wait(timeout=60) == 2
+    output = log.read_text()
+    assert "does not exist; run hiera-export first" in output
+    assert "Uvicorn running" not in output

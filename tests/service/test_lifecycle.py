@@ -108,7 +108,10 @@ async def test_backend_error_is_a_generic_500_and_flips_readiness(micro_reposito
     assert error["request_id"] == failed.headers["x-request-id"]
     assert ready.status_code == 503 and ready.json()["state"] == "failed"
     assert after.status_code == 503  # no more traffic to a broken runtime
-    assert sample(app, "hiera_failures_total", reason="backend_error") == 1
+    assert sample(app, "hiera_runtime_errors_total") == 1
+    # One failure per failed request, by its error code; nothing counted twice.
+    assert sample(app, "hiera_failures_total", reason="internal_error") == 1
+    assert sample(app, "hiera_failures_total", reason="not_ready") == 1
 
 
 async def test_queue_full_answers_429_fast(micro_repository: Path) -> None:
@@ -135,6 +138,7 @@ async def test_deadline_gives_504(micro_repository: Path) -> None:
         gate.opened.set()
         fine = await client.post("/v1/embed", content=make_image(1), headers=JPEG)
     assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+    assert sample(app, "hiera_failures_total", reason="deadline_exceeded") == 1
     assert fine.status_code == 200
 
 

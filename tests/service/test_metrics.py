@@ -67,7 +67,8 @@ def test_batcher_observer_feeds_metrics() -> None:
     assert value("hiera_queue_depth") == 7
     assert value("hiera_batch_size_count") == 2 and value("hiera_batch_size_sum") == 6
     assert value("hiera_batch_inference_seconds_sum") == pytest.approx(0.05)
-    assert value("hiera_failures_total", {"reason": "cancelled"}) == 2
+    assert value("hiera_dropped_total", {"reason": "cancelled"}) == 2
+    assert value("hiera_failures_total", {"reason": "cancelled"}) is None
 
 
 def test_registries_are_independent() -> None:

@@ -586,6 +586,17 @@ def test_export_on_the_fly_exports_once_and_then_reuses(tmp_path: Path) -> None:
     assert second.manifest.weights.state_sha256 == built.weights.state_sha256
     assert second.manifest.created_at == first.manifest.created_at
 
+    # Another backend with the same weights adds its artifact and keeps the existing one,
+    # so a server already using model.onnx is not left without it.
+    third, _ = export_on_the_fly(settings.model_copy(update={"backend": "torchscript"}))
+    assert sorted(third.manifest.artifacts) == ["onnx", "torchscript"]
+    assert third.artifact_path("onnx").is_file() and third.artifact_path("torchscript").is_file()
+
+    # Different weights replace the export whole.
+    fourth, _ = export_on_the_fly(settings.model_copy(update={"seed": 1}))
+    assert sorted(fourth.manifest.artifacts) == ["onnx"]
+    assert fourth.manifest.weights.seed == 1
+
 
 # --- pool, with fake backends -----------------------------------------------------------------
 

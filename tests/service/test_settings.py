@@ -283,10 +283,12 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> ServerNeverStarts:
 @pytest.mark.parametrize(
     ("argv", "expected_in_stderr"),
     [
-        (["--max-batch-size", "0", "--weights", "random"], "max_batch_size"),
+        (["--max-batch-size", "0", "--weights", "random"], "--max-batch-size: Input should be"),
         ([], "nothing to serve"),
         (["--weights", "random", "--precision", "bf16"], "bf16"),
-        (["--weights", "random", "--instances-per-device", "65"], "instances_per_device"),
+        (["--weights", "random", "--instances-per-device", "65"], "--instances-per-device:"),
+        (["--weights", "/nonexistent/ckpt.pth"], "is not a file"),
+        (["--model-repository", "/nonexistent/repo"], "does not exist; run hiera-export"),
     ],
 )
 def test_serve_main_returns_2_on_invalid_configuration_without_serving(
