@@ -256,3 +256,20 @@ async def test_chunked_body_over_the_limit_is_refused(micro_repository: Path) ->
         )
     assert "content-length" not in response.request.headers
     assert (response.status_code, response.json()["error"]["code"]) == (413, "body_too_large")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript", "eager"])
+async def test_every_backend_serves_the_same_embeddings(
+    micro_repository: Path, micro_model: BuiltModel, backend: str
+) -> None:
+    data = make_image(21)
+    _, want = reference(micro_model, data)
+    app = create_app(repository_settings(micro_repository, backend=backend))
+    async with running(app) as client:
+        response = await client.post(
+            "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embedding"], want, rtol=0, atol=1e-4)
+    assert models["backend"] == backend
