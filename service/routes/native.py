@@ -10,9 +10,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from service.errors import ApiError, to_api_error
+from service.errors import ApiError, error_body, to_api_error
 from service.inference import InferenceService, Outcome
-from service.logs import request_id_var
 from service.postprocess import encode_base64, normalize, top_k
 from service.responses import JSONResponse
 from service.schemas import (
@@ -50,7 +49,7 @@ Render = Callable[[Outcome], dict[str, Any]]
 )
 async def classify(request: Request, service: ServiceDep, top_k: TopK = 5) -> JSONResponse:
     k = _check_top_k(service, top_k)
-    render = _classification(service, k, "classify")
+    render = _classification(service, k)
     return await _single(request, service, "classify", render)
 
 
@@ -63,9 +62,7 @@ async def classify(request: Request, service: ServiceDep, top_k: TopK = 5) -> JS
 )
 async def classify_batch(request: Request, service: ServiceDep, top_k: TopK = 5) -> JSONResponse:
     k = _check_top_k(service, top_k)
-    return await _batch(
-        request, service, "classify_batch", _classification(service, k, "classify_batch")
-    )
+    return await _batch(request, service, "classify_batch", _classification(service, k))
 
 
 @router.post(
@@ -78,9 +75,7 @@ async def classify_batch(request: Request, service: ServiceDep, top_k: TopK = 5)
 async def embed(
     request: Request, service: ServiceDep, normalize: Normalize = True, encoding: Encoding = "float"
 ) -> JSONResponse:
-    return await _single(
-        request, service, "embed", _embedding(service, normalize, encoding, "embed")
-    )
+    return await _single(request, service, "embed", _embedding(normalize, encoding))
 
 
 @router.post(
@@ -93,8 +88,7 @@ async def embed(
 async def embed_batch(
     request: Request, service: ServiceDep, normalize: Normalize = True, encoding: Encoding = "float"
 ) -> JSONResponse:
-    render = _embedding(service, normalize, encoding, "embed_batch")
-    return await _batch(request, service, "embed_batch", render)
+    return await _batch(request, service, "embed_batch", _embedding(normalize, encoding))
 
 
 @router.get("/models", summary="The served model, runtime and batching settings")
@@ -146,20 +140,18 @@ def _check_top_k(service: InferenceService, k: int) -> int:
     return k
 
 
-def _classification(service: InferenceService, k: int, endpoint: str) -> Render:
+def _classification(service: InferenceService, k: int) -> Render:
     def render(outcome: Outcome) -> dict[str, Any]:
         assert service.card is not None  # predict() only returns once the model is loaded
-        started = time.perf_counter()
         predictions = top_k(outcome.result.logits, service.card.labels, k)
-        labels = [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]
-        return {"labels": labels, "timing": _timing(service, outcome, started, endpoint)}
+        return {"labels": [{"index": p.index, "label": p.label, "score": p.score}
+                           for p in predictions]}  # fmt: skip
 
     return render
 
 
-def _embedding(service: InferenceService, unit: bool, encoding: str, endpoint: str) -> Render:
+def _embedding(unit: bool, encoding: str) -> Render:
     def render(outcome: Outcome) -> dict[str, Any]:
-        started = time.perf_counter()
         vector = normalize(outcome.result.embedding) if unit else outcome.result.embedding
         payload: Any = encode_base64(vector) if encoding == "base64" else vector
         return {
@@ -167,19 +159,21 @@ def _embedding(service: InferenceService, unit: bool, encoding: str, endpoint: s
             "dim": int(vector.shape[0]),
             "normalized": unit,
             "encoding": encoding,
-            "timing": _timing(service, outcome, started, endpoint),
         }
 
     return render
 
 
-def _timing(
-    service: InferenceService, outcome: Outcome, post_started: float, endpoint: str
+def _answer(
+    service: InferenceService, endpoint: str, outcome: Outcome, render: Render
 ) -> dict[str, Any]:
-    post = time.perf_counter() - post_started
+    """Render one image's response fields, timing the postprocess stage around it."""
+    started = time.perf_counter()
+    fields = render(outcome)
+    post = time.perf_counter() - started
     service.metrics.stage_duration.labels(endpoint, "postprocess").observe(post)
     result = outcome.result
-    return {
+    fields["timing"] = {
         "decode_ms": round(outcome.decode_seconds * 1e3, 3),
         "preprocess_ms": round(outcome.preprocess_seconds * 1e3, 3),
         "queue_ms": round(result.queue_seconds * 1e3, 3),
@@ -187,6 +181,7 @@ def _timing(
         "postprocess_ms": round(post * 1e3, 3),
         "batch_size": result.batch_size,
     }
+    return fields
 
 
 def _deadline(service: InferenceService) -> float:
@@ -201,7 +196,7 @@ async def _single(
     outcome = await service.predict(data, endpoint, deadline)
     card = service.card
     assert card is not None
-    return JSONResponse({"model": card.name, **render(outcome)})
+    return JSONResponse({"model": card.name, **_answer(service, endpoint, outcome, render)})
 
 
 async def _batch(
@@ -214,21 +209,14 @@ async def _batch(
 
     async def one(index: int, data: bytes) -> dict[str, Any]:
         try:
-            return {
-                "index": index,
-                "result": render(await service.predict(data, endpoint, deadline)),
-            }
+            outcome = await service.predict(data, endpoint, deadline)
+            return {"index": index, "result": _answer(service, endpoint, outcome, render)}
         except Exception as exc:  # one bad image fails only its own entry
             error = to_api_error(exc)
             if error.status >= 500 and not isinstance(exc, ApiError):
                 log.error("image %d of a batch request failed", index, exc_info=exc)
             service.metrics.failures.labels(reason=error.code).inc()
-            detail = {
-                "code": error.code,
-                "message": error.message,
-                "request_id": request_id_var.get(),
-            }
-            return {"index": index, "error": detail}
+            return {"index": index, **error_body(error)}
 
     results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
     name = service.card.name if service.card else None

@@ -148,11 +148,7 @@ def _artifact_instances(
             intra_op_threads=settings.intra_op_threads,
         )
 
-    return [
-        (device, factory_for(device))
-        for device in devices
-        for _ in range(settings.instances_per_device)
-    ]
+    return _replicate(devices, settings.instances_per_device, factory_for)
 
 
 def _eager_instances(
@@ -166,11 +162,14 @@ def _eager_instances(
             copy.deepcopy(built.module), name="eager", device=device, precision=settings.precision
         )
 
-    return [
-        (device, factory_for(device))
-        for device in devices
-        for _ in range(settings.instances_per_device)
-    ]
+    return _replicate(devices, settings.instances_per_device, factory_for)
+
+
+def _replicate(
+    devices: list[str], per_device: int, factory_for: Callable[[str], BackendFactory]
+) -> list[tuple[str, BackendFactory]]:
+    """Return `per_device` instance factories for every device, in device order."""
+    return [(device, factory_for(device)) for device in devices for _ in range(per_device)]
 
 
 def _rebuild(manifest: Manifest, seed: int) -> BuiltModel:
