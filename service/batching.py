@@ -1,8 +1,11 @@
 """Group single-image requests into batches and run them on a pool of model instances.
 
-The batcher owns no model: it stacks queued ``[3, H, W]`` float32 items into ``[B, 3, H, W]``
-batches and awaits an ``infer`` callable (the runtime pool) that returns ``(logits [B, C],
-embedding [B, D])``. Up to ``concurrency`` batches are in flight at once, one per instance.
+The batcher owns no model: it groups queued ``[3, H, W]`` items (float32 pixels, or uint8 crops
+that the runtime normalises; numpy arrays or torch tensors) and awaits an ``infer`` callable
+(the runtime pool) that returns ``(logits [B, C], embedding [B, D])``. By default a batch is
+the items stacked into one ``[B, 3, H, W]`` numpy array; ``collate=list`` hands the runtime the
+items themselves, so it can assemble them on its own device. Up to ``concurrency`` batches are
+in flight at once, one per instance.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol
+from typing import Any, ParamSpec, Protocol
 
 import numpy as np
 
@@ -34,7 +37,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-InferFn = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]]
+InferFn = Callable[[Any], Awaitable[tuple[np.ndarray, np.ndarray]]]
+CollateFn = Callable[[list[Any]], Any]
+_ITEM_DTYPES = frozenset({"float32", "uint8", "torch.float32", "torch.uint8"})
 _P = ParamSpec("_P")
 
 
@@ -111,7 +116,7 @@ class BatchResult:
 # eq=False: identity comparison, so deque.remove() never compares numpy arrays.
 @dataclass(eq=False)
 class _Pending:
-    item: np.ndarray
+    item: Any
     future: asyncio.Future[BatchResult]
     enqueued_at: float
     deadline: float | None
@@ -133,6 +138,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        collate: CollateFn = np.stack,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -144,6 +150,7 @@ class DynamicBatcher:
         if not (math.isfinite(max_delay_ms) and max_delay_ms >= 0):
             raise ValueError(f"max_delay_ms must be a finite number >= 0, got {max_delay_ms}")
         self._infer = infer
+        self._collate = collate
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay_ms / 1000.0
         self._max_queue_size = max_queue_size
@@ -184,8 +191,8 @@ class DynamicBatcher:
             raise BatcherClosed("batcher is closed; create a new DynamicBatcher to serve again")
         self._spawn_loop()
 
-    async def submit(self, item: np.ndarray, *, deadline: float | None = None) -> BatchResult:
-        """Queue one ``[3, H, W]`` float32 item and wait for its row of the batch outputs."""
+    async def submit(self, item: Any, *, deadline: float | None = None) -> BatchResult:
+        """Queue one ``[3, H, W]`` item and wait for its row of the batch outputs."""
         self._validate(item)
         if self._failed is not None:
             raise InferenceFailed("batch dispatcher crashed; restart the service") from self._failed
@@ -249,19 +256,17 @@ class DynamicBatcher:
                 self._dispatch_loop(), name="dynamic-batcher"
             )
 
-    def _validate(self, item: np.ndarray) -> None:
-        if not isinstance(item, np.ndarray) or item.dtype != np.float32 or item.ndim != 3:
-            got = (
-                f"{item.dtype} array of shape {item.shape}"
-                if isinstance(item, np.ndarray)
-                else type(item).__name__
-            )
-            raise ValueError(f"item must be a float32 array of shape [3, H, W], got {got}")
+    def _validate(self, item: Any) -> None:
+        shape, dtype = getattr(item, "shape", None), str(getattr(item, "dtype", ""))
+        if shape is None or dtype not in _ITEM_DTYPES or len(shape) != 3:
+            got = type(item).__name__ if shape is None else f"{dtype} array of shape {shape}"
+            raise ValueError(f"item must be a float32 or uint8 array of shape [3, H, W], got {got}")
+        shape = tuple(shape)
         if self._shape is None:
-            self._shape = item.shape
-        elif item.shape != self._shape:
+            self._shape = shape
+        elif shape != self._shape:
             raise ValueError(
-                f"item shape {item.shape} differs from the model input shape {self._shape} set "
+                f"item shape {shape} differs from the model input shape {self._shape} set "
                 f"by the first request; resize to {self._shape[1]}x{self._shape[2]} first"
             )
 
@@ -335,7 +340,7 @@ class DynamicBatcher:
             self._observe(self._observer.batch_dispatched, size)
             started = self._clock()
             try:
-                logits, embedding = await self._infer(np.stack([p.item for p in batch]))
+                logits, embedding = await self._infer(self._collate([p.item for p in batch]))
                 _check_outputs(logits, embedding, size)
             except Exception as exc:
                 elapsed = self._clock() - started

@@ -7,9 +7,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
-
-import numpy as np
 
 from model.artifacts import RepositoryError
 from model.checkpoints import CheckpointError
@@ -18,11 +17,13 @@ from model.hiera import WeightsUnavailable
 from model.variants import UnknownVariant
 from service import imaging
 from service.batching import BatchResult, DynamicBatcher
+from service.decode_batcher import DecodeBatcher
 from service.errors import NotReady
+from service.imaging.device import DEVICE_FORMATS
 from service.metrics import BatcherMetrics, Metrics
 from service.runtime.base import BackendError
 from service.runtime.loader import ModelCard, plan
-from service.runtime.pool import RuntimePool
+from service.runtime.pool import InputSpec, RuntimePool
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,27 @@ class Outcome:
     height: int
 
 
-class InferenceService:
-    """Own the runtime pool, the batcher and the decode threads for one served model."""
+@dataclass(frozen=True)
+class _Prepared:
+    """An upload turned into a model input (a uint8 crop), on the host or on the device."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    pixels: object
+    decode_seconds: float
+    preprocess_seconds: float
+    width: int
+    height: int
+
+
+class InferenceService:
+    """Own the runtime pool, the batcher and the decoders for one served model.
+
+    `decode_on` overrides where the tensor decoder runs (tests use "cpu" to exercise the device
+    path without a GPU); by default it follows `settings.decode_device`.
+    """
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, decode_on: str | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.state: State = "loading"
@@ -64,7 +82,11 @@ class InferenceService:
         self.batcher: DynamicBatcher | None = None
         self.backend_name = settings.backend
         self.devices: list[str] = []
+        self.providers: list[str] = []
+        self.decode_device = "cpu"
+        self._decode_on = decode_on
         self._decoder = ThreadPoolExecutor(settings.decode_threads, "hiera-decode")
+        self._device_decoder: DecodeBatcher | None = None
         self.loaded = asyncio.Event()  # set when loading ends, successfully or not
 
     @property
@@ -77,14 +99,19 @@ class InferenceService:
         try:
             load_plan = await asyncio.to_thread(plan, self.settings)
             card = load_plan.card
-            height, width = card.preprocessing.input_size
+            pp = card.preprocessing
+            height, width = pp.input_size
             self.pool = await RuntimePool.start(
                 load_plan.instances,
-                warmup_batch=np.zeros((3, height, width), np.float32),
+                inputs=InputSpec((3, height, width), pp.mean, pp.std),
                 max_batch_size=self.settings.max_batch_size,
+            )
+            self._device_decoder = await asyncio.to_thread(
+                self._start_device_decoder, pp, self.pool.instances[0].device
             )
             self.batcher = DynamicBatcher(
                 self.pool.infer,
+                collate=list,  # the pool's feeders assemble batches on their own devices
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_ms=self.settings.max_delay_ms,
                 max_queue_size=self.settings.max_queue_size,
@@ -98,13 +125,19 @@ class InferenceService:
             raise
         self.card = card
         self.devices = [instance.device for instance in self.pool.instances]
+        self.providers = [
+            getattr(instance.backend, "provider", instance.backend.name)
+            for instance in self.pool.instances
+        ]
         self.metrics.model_load.set(time.perf_counter() - started)
         self.metrics.model_info.info(
             {
                 "name": card.name,
                 "variant": card.variant,
                 "backend": self.backend_name,
+                "provider": ",".join(sorted(set(self.providers))),
                 "precision": self.settings.precision,
+                "decode_device": self.decode_device,
                 "weights": card.weights_source,
             }
         )
@@ -138,6 +171,8 @@ class InferenceService:
         if self.pool is not None:
             await self.pool.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        if self._device_decoder is not None:
+            self._device_decoder.close()
         if self.state == "draining":
             self._set_state("stopped", "stopped")
 
@@ -146,22 +181,43 @@ class InferenceService:
         if not self.ready or self.batcher is None or self.card is None:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
-        loop = asyncio.get_running_loop()
-        tensor, decoded, decode_s, preprocess_s = await loop.run_in_executor(
-            self._decoder, self._decode, data, self.card.preprocessing
-        )
+        prepared = await self._prepare(data, self.card.preprocessing)
         stage = self.metrics.stage_duration
-        stage.labels(endpoint, "decode").observe(decode_s)
-        stage.labels(endpoint, "preprocess").observe(preprocess_s)
-        self.metrics.image_pixels.observe(decoded.width * decoded.height)
-        result = await self.batcher.submit(tensor, deadline=deadline)
+        stage.labels(endpoint, "decode").observe(prepared.decode_seconds)
+        stage.labels(endpoint, "preprocess").observe(prepared.preprocess_seconds)
+        self.metrics.image_pixels.observe(prepared.width * prepared.height)
+        result = await self.batcher.submit(prepared.pixels, deadline=deadline)
         stage.labels(endpoint, "queue").observe(result.queue_seconds)
         stage.labels(endpoint, "inference").observe(result.infer_seconds)
-        return Outcome(result, decode_s, preprocess_s, decoded.width, decoded.height)
+        return Outcome(
+            result,
+            prepared.decode_seconds,
+            prepared.preprocess_seconds,
+            prepared.width,
+            prepared.height,
+        )
 
-    def _decode(
-        self, data: bytes, pp: imaging.Preprocessing
-    ) -> tuple[np.ndarray, imaging.DecodedImage, float, float]:
+    async def _prepare(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
+        """Check the header on the CPU, then decode JPEGs on the device and the rest here."""
+        loop = asyncio.get_running_loop()
+        device = self._device_decoder
+        if device is not None:
+            header = await loop.run_in_executor(
+                self._decoder,
+                partial(imaging.read_header, data, max_pixels=self.settings.max_image_pixels),
+            )
+            if header.format in DEVICE_FORMATS:
+                crop = await device.decode(data)
+                return _Prepared(
+                    crop.pixels,
+                    crop.decode_seconds,
+                    crop.preprocess_seconds,
+                    header.width,
+                    header.height,
+                )
+        return await loop.run_in_executor(self._decoder, self._decode, data, pp)
+
+    def _decode(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
         started = time.perf_counter()
         decoded = imaging.decode_image(
             data,
@@ -169,8 +225,38 @@ class InferenceService:
             draft_size=imaging.draft_size(pp),
         )
         decoded_at = time.perf_counter()
-        tensor = imaging.preprocess(decoded.image, pp)
-        return tensor, decoded, decoded_at - started, time.perf_counter() - decoded_at
+        pixels = imaging.crop(decoded.image, pp)
+        return _Prepared(
+            pixels,
+            decoded_at - started,
+            time.perf_counter() - decoded_at,
+            decoded.width,
+            decoded.height,
+        )
+
+    def _start_device_decoder(
+        self, pp: imaging.Preprocessing, model_device: str
+    ) -> DecodeBatcher | None:
+        """Build the tensor decoder where the model runs, if JPEGs are decoded on the device."""
+        where = self._decode_on
+        if where is None:
+            wanted = self.settings.decode_device
+            if wanted == "cuda" and model_device == "cpu":
+                raise BackendError(
+                    "--decode-device cuda, but the model runs on the CPU (no usable GPU); "
+                    "use --decode-device cpu or auto"
+                )
+            on_gpu = model_device.startswith("cuda")
+            where = model_device if wanted != "cpu" and on_gpu else None
+        if where is None:
+            self.decode_device = "cpu"
+            return None
+        from service.imaging.device import TensorDecoder
+
+        decoder = TensorDecoder(pp, where, max_pixels=self.settings.max_image_pixels)
+        self.decode_device = where
+        log.info("JPEG decode: batched on %s; other formats on the CPU", where)
+        return DecodeBatcher(decoder, max_batch_size=self.settings.max_batch_size)
 
     def _set_state(self, state: State, reason: str) -> None:
         self.state = state

@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="threads per instance; 0 = runtime default")
     instances_per_device: int = Field(1, ge=1, le=64, description="model instances per device")
+    decode_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where JPEGs are decoded and cropped: auto = on the GPU (nvJPEG) when the "
+        "model runs on one, else cpu; other formats are always decoded on the CPU",
+    )
+    tf32: bool = Field(
+        True,
+        description="let fp32 use TF32 tensor cores on GPUs (ONNX CUDA EP and torch); "
+        "--no-tf32 for strict fp32",
+    )
+    gpu_mem_limit_bytes: int = Field(
+        0, ge=0, description="cap on each ONNX Runtime CUDA instance's memory arena; 0 = none"
+    )
+    trt_cache_dir: Path = Field(
+        Path("trt_cache"),
+        description="TensorRT engine and timing caches; keep it on a volume so restarts skip "
+        "the engine build",
+    )
 
     # Batching and admission.
     max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch sent to a model")
@@ -96,4 +114,9 @@ class Settings(BaseSettings):
             )
         if self.precision == "bf16" and self.backend == "onnx":
             raise ValueError("precision bf16 needs --backend torchscript or eager")
+        if self.decode_device == "cuda" and self.device == "cpu":
+            raise ValueError(
+                "--decode-device cuda decodes where the model runs, but --device is cpu; "
+                "use --device cuda (or auto) or --decode-device cpu"
+            )
         return self

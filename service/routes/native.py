@@ -99,6 +99,8 @@ async def models(service: ServiceDep) -> JSONResponse:
         "state": service.state,
         "backend": service.backend_name,
         "devices": service.devices,
+        "providers": service.providers,
+        "decode_device": service.decode_device,
         "precision": settings.precision,
         "batching": {
             "max_batch_size": settings.max_batch_size,

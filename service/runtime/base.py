@@ -1,8 +1,8 @@
-"""The one call every runtime shares: a contiguous float32 batch in, logits and embedding out."""
+"""The one call every runtime shares: a contiguous batch in, logits and embedding out."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,9 +17,14 @@ class Backend(Protocol):
     name: str  # "onnx" | "torchscript" | "eager"
     device: str  # "cpu" or "cuda:N"
     precision: str  # "fp32" | "fp16" | "bf16"
+    provider: str  # what actually runs it: an ORT execution provider, or "torch-<device>"
+    input_dtype: str  # "float32" | "float16": what infer() wants the batch in
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (logits [B, C], embedding [B, D]) as float32 numpy for a [B, 3, H, W] batch."""
+    def infer(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Return (logits [B, C], embedding [B, D]) as float32 numpy for a [B, 3, H, W] batch.
+
+        The batch is a numpy array, or a torch tensor already on the backend's device.
+        """
         ...
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from model.labels import class_names
 from model.variants import Variant, custom_variant, get_variant
 from service.imaging import Preprocessing
 from service.runtime.base import Backend, BackendError
-from service.runtime.devices import resolve_devices
+from service.runtime.devices import resolve_devices, runtime_gpu_support
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,18 @@ class LoadPlan:
 def plan(settings: Settings) -> LoadPlan:
     """Resolve what to serve and how; slow (exports, builds), so call it off the event loop."""
     ensure_backend_available(settings)
-    devices = resolve_devices(settings.device)
-    if settings.backend != "onnx" and settings.intra_op_threads:
+    devices = resolve_devices(
+        settings.device,
+        gpu_unusable=runtime_gpu_support(settings.backend, settings.onnx_providers),
+    )
+    if settings.backend != "onnx":
         import torch
 
-        # torch's intra-op pool is process-wide: every torch instance shares this setting.
-        torch.set_num_threads(settings.intra_op_threads)
+        if settings.intra_op_threads:
+            # torch's intra-op pool is process-wide: every torch instance shares this setting.
+            torch.set_num_threads(settings.intra_op_threads)
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
     if settings.model_repository is not None:
         repo = open_repository(settings.model_repository)
     elif settings.backend == "eager":
@@ -78,7 +84,7 @@ def plan(settings: Settings) -> LoadPlan:
         built = _rebuild(repo.manifest, settings.seed)
         return LoadPlan(card, _eager_instances(built, settings, devices))
     artifact = repo.artifact_path(_artifact_kind(settings))
-    return LoadPlan(card, _artifact_instances(artifact, settings, devices))
+    return LoadPlan(card, _artifact_instances(artifact, settings, devices, card))
 
 
 def open_repository(path: Path) -> ModelRepository:
@@ -130,8 +136,20 @@ def _artifact_kind(settings: Settings) -> ArtifactKind:
 
 
 def _artifact_instances(
-    artifact: Path, settings: Settings, devices: list[str]
+    artifact: Path, settings: Settings, devices: list[str], card: ModelCard
 ) -> list[tuple[str, BackendFactory]]:
+    from service.runtime.providers import GpuOptions
+
+    height, width = card.preprocessing.input_size
+    gpu = GpuOptions(
+        tf32=settings.tf32,
+        mem_limit_bytes=settings.gpu_mem_limit_bytes,
+        trt_cache_dir=settings.trt_cache_dir,
+        trt_fp16=settings.precision == "fp16",
+        max_batch_size=settings.max_batch_size,
+        input_shape=(3, height, width),
+    )
+
     def factory_for(device: str) -> BackendFactory:
         if settings.backend == "torchscript":
             from service.runtime.torch_backends import load_torchscript
@@ -146,6 +164,7 @@ def _artifact_instances(
             precision=settings.precision,
             providers=settings.onnx_providers,
             intra_op_threads=settings.intra_op_threads,
+            gpu=gpu,
         )
 
     return _replicate(devices, settings.instances_per_device, factory_for)

@@ -1,40 +1,23 @@
-"""ONNX Runtime backend: TensorRT, CUDA or CPU execution providers, chosen per device."""
+"""ONNX Runtime backend: TensorRT, CUDA or CPU execution providers, verified after start."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.runtime import providers as ep
 from service.runtime.base import BackendError
 
-# Fastest first; ORT falls back down this list for nodes a provider cannot run.
-_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_GPU_PROVIDERS = frozenset(_PREFERRED[:2])
+if TYPE_CHECKING:
+    import torch
 
-
-def choose_providers(
-    device: str, available: list[str], requested: list[str] | None = None
-) -> list[str]:
-    """Return the providers to use on `device`, in priority order, validated against ORT."""
-    wanted = list(requested) if requested else list(_PREFERRED)
-    if device == "cpu":
-        wanted = [p for p in wanted if p not in _GPU_PROVIDERS]
-    missing = [p for p in wanted if p not in available] if requested else []
-    if missing:
-        raise BackendError(
-            f"ONNX Runtime providers {missing} are not available in this build (available: "
-            f"{available}); install onnxruntime-gpu for CUDA/TensorRT"
-        )
-    chosen = [p for p in wanted if p in available]
-    if device.startswith("cuda") and not _GPU_PROVIDERS & set(chosen):
-        raise BackendError(
-            f"device {device} needs the CUDA or TensorRT provider, but ONNX Runtime offers "
-            f"{available}; install the hiera-serve[gpu] extra (onnxruntime-gpu)"
-        )
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")  # the universal fallback for unsupported nodes
-    return chosen
+# Kept for callers and tests that import them from here.
+choose_providers = ep.choose_providers
+GpuOptions = ep.GpuOptions
 
 
 class OnnxBackend:
@@ -50,35 +33,99 @@ class OnnxBackend:
         precision: str,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        gpu: ep.GpuOptions | None = None,
     ) -> None:
         import onnxruntime as ort
 
         self.device = device
         self.precision = precision
-        chosen = choose_providers(device, ort.get_available_providers(), providers)
-        device_id = int(device.split(":")[1]) if device.startswith("cuda") else 0
+        chosen = ep.choose_providers(device, ort.get_available_providers(), providers)
+        self._device_id = int(device.split(":")[1]) if device.startswith("cuda") else 0
+        gpu = gpu or ep.GpuOptions()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        provider_options = [
-            {"device_id": str(device_id)} if p in _GPU_PROVIDERS else {} for p in chosen
-        ]
+        self.stream: torch.cuda.Stream | None = None
+        per_provider = [ep.provider_options(p, self._device_id, gpu) for p in chosen]
+        if ep.GPU_PROVIDERS & set(chosen):
+            _preload_cuda_libraries(ort)
+            if ep.TENSORRT in chosen and gpu.trt_cache_dir is not None:
+                gpu.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+            self.stream = _instance_stream(device)
+            for provider, opts in zip(chosen, per_provider, strict=True):
+                if provider in ep.GPU_PROVIDERS:
+                    # ORT computes on this instance's own stream, the one its inputs are
+                    # prepared on: ordering without a device-wide synchronisation.
+                    opts |= {"has_user_compute_stream": "1", "user_compute_stream": str(
+                        self.stream.cuda_stream)}  # fmt: skip
+        printed = io.StringIO()
         try:
-            self._session = ort.InferenceSession(
-                str(path), options, providers=chosen, provider_options=provider_options
-            )
+            # ORT prints why a provider failed before silently retrying without it.
+            with contextlib.redirect_stdout(printed):
+                self._session = ort.InferenceSession(
+                    str(path), options, providers=chosen, provider_options=per_provider
+                )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BackendError(f"ONNX Runtime could not load {path}: {exc}") from exc
+        ep.verify(
+            chosen,
+            self._session.get_providers(),
+            self._session.get_provider_options(),
+            self._device_id,
+            printed.getvalue(),
+        )
         self.providers = self._session.get_providers()
+        self.provider = self.providers[0]
         meta = self._session.get_inputs()[0]
         self._input_name = meta.name
-        self._input_dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+        self._output_names = [o.name for o in self._session.get_outputs()]
+        self.input_dtype = "float16" if meta.type == "tensor(float16)" else "float32"
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, embedding = self._session.run(
-            None, {self._input_name: batch.astype(self._input_dtype, copy=False)}
-        )
+    def infer(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Run a numpy batch, or a torch tensor already on this instance's GPU (no host copy)."""
+        if isinstance(batch, np.ndarray):
+            logits, embedding = self._session.run(
+                None, {self._input_name: batch.astype(self.input_dtype, copy=False)}
+            )
+        else:
+            logits, embedding = self._run_bound(batch)
         return np.asarray(logits, np.float32), np.asarray(embedding, np.float32)
+
+    def _run_bound(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Hand ORT the device tensor's memory through I/O binding; outputs come back small."""
+        batch = batch.contiguous()
+        if str(batch.dtype) != f"torch.{self.input_dtype}":
+            raise BackendError(f"ONNX session expects {self.input_dtype}, got {batch.dtype}")
+        binding = self._session.io_binding()
+        binding.bind_input(
+            self._input_name,
+            device_type=batch.device.type,
+            device_id=batch.device.index or 0,
+            element_type=np.dtype(self.input_dtype).type,
+            shape=tuple(batch.shape),
+            buffer_ptr=batch.data_ptr(),
+        )
+        for name in self._output_names:
+            binding.bind_output(name)  # host memory: [B, C] and [B, D] are a few KB per row
+        if self.stream is not None:
+            # Inputs were written on this stream; ORT runs on it too (user_compute_stream).
+            binding.synchronize_inputs()
+        self._session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
         del self._session
+
+
+def _instance_stream(device: str) -> torch.cuda.Stream:
+    import torch
+
+    return torch.cuda.Stream(device=torch.device(device))
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Let ORT find the CUDA/cuDNN libraries that pip wheels (e.g. torch's) put on disk."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        with contextlib.suppress(Exception):  # verify() reports what is still missing
+            preload()

@@ -13,24 +13,40 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from service.runtime.base import Backend
+from service.runtime.feed import Feeder
 from service.runtime.loader import BackendFactory
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What every instance is fed: the crop shape and the normalisation to apply to it."""
+
+    shape: tuple[int, int, int]  # (3, H, W)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 @dataclass
 class Instance:
-    """One backend and the only thread allowed to touch it."""
+    """One backend, the feeder that prepares its batches, and the only thread touching both."""
 
     index: int
     device: str
     backend: Backend
+    feeder: Feeder
     thread: ThreadPoolExecutor
     batches: int = 0
+
+    def run(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Assemble the batch on this instance's device and run it; called on `thread`."""
+        return self.backend.infer(self.feeder(items))
 
 
 class RuntimePool:
@@ -49,7 +65,7 @@ class RuntimePool:
         cls,
         factories: Sequence[tuple[str, BackendFactory]],
         *,
-        warmup_batch: np.ndarray,
+        inputs: InputSpec,
         max_batch_size: int,
     ) -> RuntimePool:
         """Create every instance in its own thread and warm it at every batch size."""
@@ -62,16 +78,20 @@ class RuntimePool:
                 except BaseException:
                     thread.shutdown(wait=False)
                     raise
-                instance = Instance(index, device, backend, thread)
+                feeder = await asyncio.wrap_future(
+                    thread.submit(_feeder_for, backend, device, inputs, max_batch_size)
+                )
+                instance = Instance(index, device, backend, feeder, thread)
                 instances.append(instance)
                 seconds = await asyncio.wrap_future(
-                    thread.submit(_warm_up, backend, warmup_batch, max_batch_size)
+                    thread.submit(_warm_up, instance, inputs.shape, max_batch_size)
                 )
                 log.info(
-                    "instance %d (%s on %s, %s) warmed at batch sizes 1..%d in %.2f s",
+                    "instance %d (%s on %s via %s, %s) warmed at batch sizes 1..%d in %.2f s",
                     index,
                     backend.name,
                     device,
+                    getattr(backend, "provider", backend.name),
                     backend.precision,
                     max_batch_size,
                     seconds,
@@ -85,11 +105,11 @@ class RuntimePool:
     def size(self) -> int:
         return len(self.instances)
 
-    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run `batch` on the next free instance's thread."""
+    async def infer(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the queued images `items` as one batch on the next free instance's thread."""
         instance = await self._free.get()
         try:
-            future = instance.thread.submit(instance.backend.infer, batch)
+            future = instance.thread.submit(instance.run, items)
             result = await asyncio.wrap_future(future)
             instance.batches += 1
             return result
@@ -101,13 +121,26 @@ class RuntimePool:
         await asyncio.to_thread(_close_all, self.instances)
 
 
-def _warm_up(backend: Backend, sample: np.ndarray, max_batch_size: int) -> float:
-    # Every batch size the batcher can send: allocators, ORT's per-shape plans and cuDNN
-    # autotuning then happen here instead of inside a client's first request.
+def _feeder_for(backend: Backend, device: str, inputs: InputSpec, max_batch_size: int) -> Feeder:
+    return Feeder(
+        device=device,
+        input_dtype=getattr(backend, "input_dtype", "float32"),
+        mean=inputs.mean,
+        std=inputs.std,
+        input_shape=inputs.shape,
+        max_batch_size=max_batch_size,
+        stream=getattr(backend, "stream", None),
+    )
+
+
+def _warm_up(instance: Instance, shape: tuple[int, int, int], max_batch_size: int) -> float:
+    # Every batch size the batcher can send, through the same feeder as real batches:
+    # allocators, ORT's per-shape plans, cuDNN autotuning and the TensorRT engine (one
+    # profile covers 1..max) are then built here instead of inside a client's first request.
     started = time.perf_counter()
+    crop = np.zeros(shape, np.uint8)
     for size in range(1, max_batch_size + 1):
-        batch = np.repeat(sample[None], size, axis=0)  # a writable copy, like real batches
-        backend.infer(batch)
+        instance.run([crop] * size)
     return time.perf_counter() - started
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,18 +26,25 @@ class TorchBackend:
         self.precision = precision
         self._torch_device = torch.device(device)
         self._module = module.to(self._torch_device).eval()
+        self.input_dtype = "float32"  # autocast casts inside the model
+        self.provider = f"torch-{self._torch_device.type}"
+        # One stream per instance, so instances on one GPU overlap instead of queueing on the
+        # default stream; the pool's feeder prepares this instance's inputs on it too.
+        self.stream = torch.cuda.Stream(self._torch_device) if device != "cpu" else None
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self._torch_device.type, dtype=_DTYPES[self.precision])
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
+    def infer(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Run a numpy batch, or a torch tensor already on this device."""
+        stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
+        with stream, torch.inference_mode(), self._autocast():
+            images = torch.as_tensor(batch).to(self._torch_device, non_blocking=True)
             logits, embedding = self._module(images)
-        # .cpu() synchronises the stream, so the result is complete when we return.
-        return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
+            # .cpu() on this stream waits for it, so the result is complete when we return.
+            return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
 
     def close(self) -> None:
         del self._module

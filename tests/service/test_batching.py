@@ -480,7 +480,7 @@ async def test_queue_full_is_raised_immediately() -> None:
     ("item", "match"),
     [
         (np.zeros(SHAPE, dtype=np.float64), "float32"),
-        (np.zeros((1, *SHAPE), dtype=np.float32), "float32 array of shape"),
+        (np.zeros((1, *SHAPE), dtype=np.float32), "uint8 array of shape"),
         ([[0.0]], "got list"),
         (np.zeros((3, 8, 8), dtype=np.float32), r"differs from the model input shape"),
     ],

@@ -186,7 +186,7 @@ def test_preprocess_converts_non_rgb_input() -> None:
 def test_center_crop_pads_like_torchvision(height: int, width: int) -> None:
     pixels = np.asarray(noise_image(width, height))
     expected = np.asarray(tvf.center_crop(Image.fromarray(pixels), [224, 224]))
-    np.testing.assert_array_equal(imaging._center_crop(pixels, (224, 224)), expected)
+    np.testing.assert_array_equal(imaging.cpu._center_crop(pixels, (224, 224)), expected)
 
 
 def test_extreme_aspect_ratio_resamples_only_the_crop() -> None:
@@ -200,7 +200,7 @@ def test_extreme_aspect_ratio_resamples_only_the_crop() -> None:
 
 
 def test_crop_window_resample_stays_close_to_timm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imaging, "_MAX_RESIZED_PIXELS", 0)  # force the crop-window path
+    monkeypatch.setattr(imaging.cpu, "_MAX_RESIZED_PIXELS", 0)  # force the crop-window path
     image = smooth_image(600, 420)
     pp = make_pp()
     diff = np.abs(preprocess(image, pp) - timm_eval(pp, image))

@@ -22,7 +22,7 @@ from service.runtime.base import BackendError
 from service.runtime.devices import resolve_devices
 from service.runtime.loader import _rebuild, export_on_the_fly, open_repository, plan
 from service.runtime.onnx import OnnxBackend, choose_providers
-from service.runtime.pool import RuntimePool
+from service.runtime.pool import InputSpec, RuntimePool
 from service.runtime.torch_backends import TorchBackend, load_torchscript
 from service.settings import Settings
 
@@ -600,7 +600,9 @@ def test_export_on_the_fly_exports_once_and_then_reuses(tmp_path: Path) -> None:
 
 # --- pool, with fake backends -----------------------------------------------------------------
 
-SAMPLE = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)  # one tiny [C, H, W] "image"
+SAMPLE = np.arange(3 * 3 * 3, dtype=np.float32).reshape(3, 3, 3)  # one tiny [C, H, W] "image"
+# Pool inputs: SAMPLE-shaped crops, normalised with ImageNet's statistics.
+INPUTS = InputSpec((3, 3, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 WAIT = 5.0  # seconds any cross-thread wait may take before the test fails
 
 
@@ -659,12 +661,12 @@ class Factories:
 
 async def test_start_warms_every_instance_at_every_batch_size() -> None:
     factories = Factories()
-    specs = [("cpu", factories.make("cpu")), ("cuda:0", factories.make("cuda:0"))]
+    specs = [("cpu", factories.make("cpu")), ("cpu", factories.make("cpu"))]
 
-    pool = await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=4)
+    pool = await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=4)
     try:
         assert pool.size == 2
-        assert [i.device for i in pool.instances] == ["cpu", "cuda:0"]
+        assert [i.device for i in pool.instances] == ["cpu", "cpu"]
         assert [i.backend for i in pool.instances] == factories.built
         for backend in factories.built:
             assert [size for _, size in backend.calls] == [1, 2, 3, 4]
@@ -673,7 +675,7 @@ async def test_start_warms_every_instance_at_every_batch_size() -> None:
         await pool.close()
 
 
-async def test_warm_up_batches_repeat_the_sample() -> None:
+async def test_warm_up_batches_are_normalised_blank_crops_through_the_feeder() -> None:
     seen: list[np.ndarray] = []
 
     class Capturing(FakeBackend):
@@ -682,22 +684,24 @@ async def test_warm_up_batches_repeat_the_sample() -> None:
             return super().infer(batch)
 
     pool = await RuntimePool.start(
-        [("cpu", lambda: Capturing("cpu", 0.0))], warmup_batch=SAMPLE, max_batch_size=3
+        [("cpu", lambda: Capturing("cpu", 0.0))], inputs=INPUTS, max_batch_size=3
     )
     await pool.close()
 
     assert [b.shape for b in seen] == [(n, *SAMPLE.shape) for n in (1, 2, 3)]
+    # A black crop after Normalize: (0 - mean) / std per channel, computed independently.
+    black = np.stack([np.full((3, 3), -m / s, np.float32) for m, s in zip(INPUTS.mean, INPUTS.std, strict=True)])
     for batch in seen:
-        assert batch.flags.c_contiguous
-        np.testing.assert_array_equal(batch, np.stack([SAMPLE] * batch.shape[0]))
+        assert batch.flags.c_contiguous and batch.dtype == np.float32
+        np.testing.assert_allclose(batch, np.stack([black] * batch.shape[0]), rtol=1e-6)
 
 
 async def test_each_instance_always_runs_on_its_own_single_thread() -> None:
     factories = Factories()
     specs = [("cpu", factories.make("cpu")) for _ in range(3)]
-    pool = await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=2)
+    pool = await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=2)
     try:
-        batches = [np.stack([SAMPLE + k] * (1 + k % 2)) for k in range(12)]
+        batches = [[SAMPLE + k] * (1 + k % 2) for k in range(12)]
         await asyncio.gather(*(pool.infer(b) for b in batches))
     finally:
         await pool.close()
@@ -718,11 +722,11 @@ async def test_each_instance_always_runs_on_its_own_single_thread() -> None:
 async def test_infer_returns_the_backends_result_for_that_batch() -> None:
     factories = Factories()
     pool = await RuntimePool.start(
-        [("cpu", factories.make("cpu"))], warmup_batch=SAMPLE, max_batch_size=1
+        [("cpu", factories.make("cpu"))], inputs=INPUTS, max_batch_size=1
     )
     try:
+        logits, embedding = await pool.infer([SAMPLE, SAMPLE * 2])
         batch = np.stack([SAMPLE, SAMPLE * 2])
-        logits, embedding = await pool.infer(batch)
     finally:
         await pool.close()
 
@@ -734,12 +738,12 @@ async def test_infer_returns_the_backends_result_for_that_batch() -> None:
 async def test_two_concurrent_batches_run_on_two_instances_at_once() -> None:
     factories = Factories()
     specs = [("cpu", factories.make("cpu")), ("cpu", factories.make("cpu"))]
-    pool = await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=1)
+    pool = await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=1)
     first, second = factories.built
     for backend in factories.built:
         backend.block = True
     try:
-        tasks = [asyncio.create_task(pool.infer(np.stack([SAMPLE + k]))) for k in (1, 2)]
+        tasks = [asyncio.create_task(pool.infer([SAMPLE + k])) for k in (1, 2)]
         # Both calls are inside their backends at the same time: neither has been released.
         for backend in factories.built:
             assert await asyncio.to_thread(backend.entered.wait, WAIT)
@@ -762,15 +766,15 @@ async def test_two_concurrent_batches_run_on_two_instances_at_once() -> None:
 async def test_a_failing_batch_raises_and_frees_its_instance() -> None:
     factories = Factories()
     pool = await RuntimePool.start(
-        [("cpu", factories.make("cpu"))], warmup_batch=SAMPLE, max_batch_size=1
+        [("cpu", factories.make("cpu"))], inputs=INPUTS, max_batch_size=1
     )
     (backend,) = factories.built
     try:
         backend.fail_with = ValueError("bad batch")
         with pytest.raises(ValueError, match="bad batch"):
-            await asyncio.wait_for(pool.infer(np.stack([SAMPLE])), WAIT)
+            await asyncio.wait_for(pool.infer([SAMPLE]), WAIT)
         backend.fail_with = None
-        logits, _ = await asyncio.wait_for(pool.infer(np.stack([SAMPLE])), WAIT)
+        logits, _ = await asyncio.wait_for(pool.infer([SAMPLE]), WAIT)
     finally:
         await pool.close()
 
@@ -780,7 +784,7 @@ async def test_a_failing_batch_raises_and_frees_its_instance() -> None:
 async def test_close_closes_every_backend_and_stops_their_threads() -> None:
     factories = Factories()
     specs = [("cpu", factories.make("cpu")) for _ in range(3)]
-    pool = await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=1)
+    pool = await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=1)
 
     await pool.close()
 
@@ -793,7 +797,7 @@ async def test_close_closes_every_backend_and_stops_their_threads() -> None:
 async def test_close_continues_when_one_backend_fails_to_close() -> None:
     factories = Factories()
     specs = [("cpu", factories.make("cpu")) for _ in range(2)]
-    pool = await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=1)
+    pool = await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=1)
 
     def broken_close() -> None:
         raise RuntimeError("driver gone")
@@ -814,7 +818,7 @@ async def test_a_failing_factory_fails_start_and_closes_the_created_instances() 
     ]
 
     with pytest.raises(BackendError, match="no such device"):
-        await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=2)
+        await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=2)
 
     assert len(factories.built) == 2  # the instance after the failure was never created
     assert [b.closed for b in factories.built] == [1, 1]
@@ -835,7 +839,7 @@ async def test_a_failing_warm_up_fails_start_and_closes_that_instance_too() -> N
     specs = [("cpu", factories.make("cpu")), ("cpu", broken_factory)]
 
     with pytest.raises(RuntimeError, match="out of memory at batch 1"):
-        await RuntimePool.start(specs, warmup_batch=SAMPLE, max_batch_size=2)
+        await RuntimePool.start(specs, inputs=INPUTS, max_batch_size=2)
 
     assert [b.closed for b in factories.built] == [1]
     assert [b.closed for b in broken] == [1]
@@ -843,4 +847,4 @@ async def test_a_failing_warm_up_fails_start_and_closes_that_instance_too() -> N
 
 async def test_start_without_factories_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least one instance"):
-        await RuntimePool.start([], warmup_batch=SAMPLE, max_batch_size=1)
+        await RuntimePool.start([], inputs=INPUTS, max_batch_size=1)
