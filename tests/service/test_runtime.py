@@ -690,7 +690,9 @@ async def test_warm_up_batches_are_normalised_blank_crops_through_the_feeder() -
 
     assert [b.shape for b in seen] == [(n, *SAMPLE.shape) for n in (1, 2, 3)]
     # A black crop after Normalize: (0 - mean) / std per channel, computed independently.
-    black = np.stack([np.full((3, 3), -m / s, np.float32) for m, s in zip(INPUTS.mean, INPUTS.std, strict=True)])
+    black = np.stack(
+        [np.full((3, 3), -m / s, np.float32) for m, s in zip(INPUTS.mean, INPUTS.std, strict=True)]
+    )
     for batch in seen:
         assert batch.flags.c_contiguous and batch.dtype == np.float32
         np.testing.assert_allclose(batch, np.stack([black] * batch.shape[0]), rtol=1e-6)
