@@ -36,8 +36,6 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.device != "cpu" and metrics.enable_gpu_metrics():
-            log.info("GPU metrics enabled (NVML)")
         loader = asyncio.create_task(_load(service, on_fatal), name="hiera-load")
         try:
             yield

@@ -22,6 +22,7 @@ from service.errors import NotReady
 from service.imaging.device import DEVICE_FORMATS
 from service.metrics import BatcherMetrics, Metrics
 from service.runtime.base import BackendError
+from service.runtime.devices import cuda_uuids
 from service.runtime.loader import ModelCard, plan
 from service.runtime.pool import InputSpec, RuntimePool
 from service.settings import Settings
@@ -129,6 +130,9 @@ class InferenceService:
             getattr(instance.backend, "provider", instance.backend.name)
             for instance in self.pool.instances
         ]
+        gpus = await asyncio.to_thread(cuda_uuids, self.devices)
+        if gpus and self.metrics.enable_gpu_metrics(gpus):
+            log.info("GPU metrics enabled (NVML): %s", gpus)
         self.metrics.model_load.set(time.perf_counter() - started)
         self.metrics.model_info.info(
             {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -92,9 +92,13 @@ class Metrics:
         self.ready = Gauge("hiera_ready", "1 when the service accepts inference.", registry=r)
         self.model_info = Info("hiera_model", "The model being served.", registry=r)
 
-    def enable_gpu_metrics(self) -> bool:
-        """Export NVML utilisation and memory per GPU; False where NVML is unavailable."""
-        collector = NvmlCollector.create()
+    def enable_gpu_metrics(self, gpus: Mapping[str, str]) -> bool:
+        """Export NVML utilisation and memory for the GPUs served on ({"cuda:0": uuid, ...}).
+
+        Matched by UUID: NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES, so
+        its index 0 is not necessarily CUDA's (or this process's) device 0.
+        """
+        collector = NvmlCollector.create(gpus)
         if collector is None:
             return False
         self.registry.register(collector)
@@ -126,38 +130,43 @@ class BatcherMetrics:
 class NvmlCollector(Collector):
     """Read GPU utilisation and memory from NVML at scrape time."""
 
-    def __init__(self, nvml: object, handles: list[object]) -> None:
+    def __init__(self, nvml: object, gpus: list[tuple[str, str, object]]) -> None:
         self._nvml = nvml
-        self._handles = handles
+        self._gpus = gpus  # (uuid, cuda device, NVML handle)
 
     @classmethod
-    def create(cls) -> NvmlCollector | None:
+    def create(cls, gpus: Mapping[str, str]) -> NvmlCollector | None:
+        if not gpus:
+            return None
         try:
             import pynvml  # from nvidia-ml-py, installed with the gpu extra
 
             pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        except Exception as exc:  # no library, no driver, or no GPU
+            found = [
+                (uuid, device, pynvml.nvmlDeviceGetHandleByUUID(uuid))
+                for device, uuid in sorted(gpus.items())
+            ]
+        except Exception as exc:  # no library, no driver, or a GPU NVML does not know
             log.info("GPU metrics disabled: %s", exc)
             return None
-        return cls(pynvml, handles) if handles else None
+        return cls(pynvml, found)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         nvml = self._nvml
+        labels = ["gpu", "device"]
         util = GaugeMetricFamily(
-            "hiera_gpu_utilization_ratio", "GPU busy fraction over the last sample.", labels=["gpu"]
+            "hiera_gpu_utilization_ratio", "GPU busy fraction over the last sample.", labels=labels
         )
-        used = GaugeMetricFamily("hiera_gpu_memory_used_bytes", "GPU memory used.", labels=["gpu"])
-        total = GaugeMetricFamily("hiera_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"])
-        for index, handle in enumerate(self._handles):
+        used = GaugeMetricFamily("hiera_gpu_memory_used_bytes", "GPU memory used.", labels=labels)
+        total = GaugeMetricFamily("hiera_gpu_memory_total_bytes", "GPU memory.", labels=labels)
+        for uuid, device, handle in self._gpus:
             try:
                 rates = nvml.nvmlDeviceGetUtilizationRates(handle)  # type: ignore[attr-defined]
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
             except Exception:  # a GPU lost mid-scrape must not break /metrics
-                log.warning("NVML read failed for GPU %d", index, exc_info=True)
+                log.warning("NVML read failed for GPU %s (%s)", uuid, device, exc_info=True)
                 continue
-            util.add_metric([str(index)], rates.gpu / 100.0)
-            used.add_metric([str(index)], float(memory.used))
-            total.add_metric([str(index)], float(memory.total))
+            util.add_metric([uuid, device], rates.gpu / 100.0)
+            used.add_metric([uuid, device], float(memory.used))
+            total.add_metric([uuid, device], float(memory.total))
         yield from (util, used, total)

@@ -66,3 +66,15 @@ def resolve_devices(
     devices = [f"cuda:{i}" for i in range(count)]
     log.info("device %s: %s (%d CUDA device(s) visible)", device, ", ".join(devices), count)
     return devices
+
+
+def cuda_uuids(devices: list[str]) -> dict[str, str]:
+    """Map each CUDA device served on to its GPU UUID in NVML's spelling ("GPU-...")."""
+    import torch
+
+    uuids = {}
+    for device in devices:
+        if device.startswith("cuda"):
+            uuid = str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+            uuids[device] = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    return uuids

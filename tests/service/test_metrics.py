@@ -19,11 +19,9 @@ class FakeNvml:
         if self.fail_init:
             raise RuntimeError("NVML Shared Library Not Found")
 
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        return index
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        # NVML's own order (PCI bus) differs from CUDA's here, as it may on a real host.
+        return {"GPU-bbbb": 0, "GPU-aaaa": 1}[uuid]
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
         if handle == 1:
@@ -34,24 +32,45 @@ class FakeNvml:
         return SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=77 * 2**30)
 
 
-def test_gpu_metrics_read_nvml_at_scrape_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_metrics_follow_the_cuda_devices_served_on_by_uuid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
     metrics = Metrics()
-    assert metrics.enable_gpu_metrics()
+    # CUDA's device 1 is NVML's index 0: matching by index would read the wrong (lost) GPU.
+    assert metrics.enable_gpu_metrics({"cuda:0": "GPU-aaaa", "cuda:1": "GPU-bbbb"})
     value = metrics.registry.get_sample_value
-    assert value("hiera_gpu_utilization_ratio", {"gpu": "0"}) == pytest.approx(0.37)
-    assert value("hiera_gpu_memory_used_bytes", {"gpu": "0"}) == 3 * 2**30
-    assert value("hiera_gpu_memory_total_bytes", {"gpu": "0"}) == 80 * 2**30
+    served = {"gpu": "GPU-bbbb", "device": "cuda:1"}
+    assert value("hiera_gpu_utilization_ratio", served) == pytest.approx(0.37)
+    assert value("hiera_gpu_memory_used_bytes", served) == 3 * 2**30
+    assert value("hiera_gpu_memory_total_bytes", served) == 80 * 2**30
     # A GPU that fails to read is skipped; the scrape itself still works.
-    assert value("hiera_gpu_utilization_ratio", {"gpu": "1"}) is None
+    assert value("hiera_gpu_utilization_ratio", {"gpu": "GPU-aaaa", "device": "cuda:0"}) is None
     assert "hiera_gpu_utilization_ratio gauge" in generate_latest(metrics.registry).decode()
 
 
-def test_gpu_metrics_disabled_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_metrics_disabled_without_nvml_or_without_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
     metrics = Metrics()
-    assert not metrics.enable_gpu_metrics()
+    assert not metrics.enable_gpu_metrics({"cuda:0": "GPU-aaaa"})
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    assert not metrics.enable_gpu_metrics({})  # serving on the CPU
     assert "hiera_gpu" not in generate_latest(metrics.registry).decode()
+
+
+def test_cuda_uuids_are_spelled_as_nvml_spells_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from service.runtime.devices import cuda_uuids
+
+    props = {0: SimpleNamespace(uuid="1c2a-77"), 1: SimpleNamespace(uuid="GPU-9f00-12")}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props[d.index])
+    assert cuda_uuids(["cuda:0", "cuda:1", "cpu"]) == {
+        "cuda:0": "GPU-1c2a-77",
+        "cuda:1": "GPU-9f00-12",
+    }
 
 
 def test_batcher_observer_feeds_metrics() -> None:
