@@ -1,9 +1,19 @@
 # Every target installs what it needs into $(VENV) first, so each works on a fresh clone.
 PYTHON ?= python3
 VENV ?= .venv
+# A host with an NVIDIA GPU gets the GPU runtime (onnxruntime-gpu, NVML) pinned by
+# constraints-gpu.txt; every other host gets the CPU one. Override with GPU=yes or GPU=no.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes || echo no)
+ifeq ($(GPU),yes)
+EXTRAS ?= gpu,dev
+CONSTRAINTS ?= -c constraints.txt -c constraints-gpu.txt
+else
 EXTRAS ?= cpu,dev
+CONSTRAINTS ?= -c constraints.txt
+endif
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 VARIANT ?= hiera_tiny_224
 WEIGHTS ?= random
@@ -12,11 +22,14 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install test test-fast lint export run bench clean
+.PHONY: install test test-fast lint export run bench gpu-check clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(wildcard constraints*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
+	# onnxruntime and onnxruntime-gpu install the same module: never keep both.
+	case ",$(EXTRAS)," in *,gpu,*) $(PY) -m pip uninstall -qy onnxruntime 2>/dev/null ;; \
+		*) $(PY) -m pip uninstall -qy onnxruntime-gpu 2>/dev/null ;; esac
+	$(PY) -m pip install --quiet --disable-pip-version-check $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(STAMP)
@@ -40,6 +53,11 @@ bench: $(STAMP)
 	test -f $(REPO)/$(VARIANT)/manifest.json || $(VENV)/bin/hiera-export --variant $(VARIANT) \
 		--weights $(WEIGHTS) --out $(REPO)
 	$(VENV)/bin/hiera-bench --model-repository $(REPO)/$(VARIANT) $(ARGS)
+
+# Every GPU path against CPU fp32 on real photos, then Hiera-B fp16 throughput (JSON + table in
+# bench/results/gpu-check). Exits 77 (skipped) on a machine without a CUDA device.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # Serves VARIANT with WEIGHTS (random by default, so it works offline; loudly labelled as such).
 # The ONNX export lands in REPO and is reused while the weights stay the same.

@@ -51,7 +51,7 @@ class Feeder:
         self.device = device
         self.input_dtype = input_dtype
         self._mean, self._std = mean, std
-        self._shape = input_shape
+        self.input_shape = input_shape
         self._stream = stream
         self._pinned: torch.Tensor | None = None
         self._device_mean: torch.Tensor | None = None
@@ -78,7 +78,7 @@ class Feeder:
         if all(a.dtype == np.uint8 for a in arrays):
             batch = normalize(np.stack(arrays), self._mean, self._std)
         else:
-            batch = np.empty((len(arrays), *self._shape), np.float32)
+            batch = np.empty((len(arrays), *self.input_shape), np.float32)
             for row, array in enumerate(arrays):
                 batch[row] = (
                     normalize(array, self._mean, self._std) if array.dtype == np.uint8 else array
@@ -92,7 +92,7 @@ class Feeder:
         target = torch.device(self.device)
         on_stream = self._stream is not None
         with torch.cuda.stream(self._stream) if on_stream else contextlib.nullcontext():
-            batch = torch.empty((len(items), *self._shape), dtype=torch.float32, device=target)
+            batch = torch.empty((len(items), *self.input_shape), dtype=torch.float32, device=target)
             host_rows = [row for row, item in enumerate(items) if isinstance(item, np.ndarray)]
             uint8_rows = [row for row in host_rows if items[row].dtype == np.uint8]
             if uint8_rows:

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import service.app as app_module
+from bench.photos import jpeg_set
 from model.hiera import BuiltModel
 from service.app import create_app
 from service.inference import InferenceService
 from service.runtime.feed import normalize
-from tests.photos import jpeg_set
 from tests.service.helpers import MICRO_PP, make_image, repository_settings, running
 from tests.service.imaging.test_device import reference_crop
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.photos import jpeg_set
 from model.hiera import BuiltModel
 from service.imaging import CorruptImage, cpu
 from service.imaging.device import TensorDecoder
 from service.runtime.feed import normalize
-from tests.photos import jpeg_set
 from tests.service.helpers import MICRO_PP, make_image
 
 MAX_PIXELS = 10**8

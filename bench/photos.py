@@ -1,4 +1,6 @@
-"""Real photographs for agreement tests: the README's photo plus scikit-image's sample photos.
+"""Real photographs for agreement checks: the README's photo plus scikit-image's sample photos.
+
+Used by the tests (CPU vs tensor decoder) and by `make gpu-check` (every GPU path vs CPU fp32).
 
 Each is re-encoded as JPEG at the sizes real uploads come in, and in the forms decoders trip on
 (EXIF rotation, greyscale, progressive, 4:4:4 chroma), so every decoder sees the same set.
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (examples/ sits beside bench/)
 # Photographs only (no charts, text or micrographs of synthetic patterns).
 SKIMAGE_PHOTOS = (
     "astronaut.png",
@@ -44,6 +46,12 @@ def encode(image: Image.Image, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", **options)
     return buffer.getvalue()
+
+
+def resized_jpeg(width: int, height: int) -> bytes:
+    """Return the README's photo as a JPEG of the given size, like a typical upload."""
+    photo = Image.open(ROOT / "examples" / "grace_hopper.jpg").convert("RGB")
+    return encode(photo.resize((width, height), Image.Resampling.LANCZOS), quality=90)
 
 
 @functools.cache
