@@ -31,7 +31,7 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     """
     # The *_created series double /metrics for no dashboard use; process-wide, set per app.
     disable_created_metrics()
-    metrics = Metrics()
+    metrics = Metrics(workers=settings.workers)
     service = InferenceService(settings, metrics)
 
     @contextlib.asynccontextmanager
