@@ -150,13 +150,13 @@ class InferenceService:
         tensor, decoded, decode_s, preprocess_s = await loop.run_in_executor(
             self._decoder, self._decode, data, self.card.preprocessing
         )
-        stage = self.metrics.stage_duration
-        stage.labels(endpoint, "decode").observe(decode_s)
-        stage.labels(endpoint, "preprocess").observe(preprocess_s)
+        stage = self.metrics.stage
+        stage(endpoint, "decode").observe(decode_s)
+        stage(endpoint, "preprocess").observe(preprocess_s)
         self.metrics.image_pixels.observe(decoded.width * decoded.height)
         result = await self.batcher.submit(tensor, deadline=deadline)
-        stage.labels(endpoint, "queue").observe(result.queue_seconds)
-        stage.labels(endpoint, "inference").observe(result.infer_seconds)
+        stage(endpoint, "queue").observe(result.queue_seconds)
+        stage(endpoint, "inference").observe(result.infer_seconds)
         return Outcome(result, decode_s, preprocess_s, decoded.width, decoded.height)
 
     def _decode(

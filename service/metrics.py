@@ -107,6 +107,9 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Label children cached per label set: endpoints, stages and statuses are few.
+        self._stage_children: dict[tuple[str, str], Histogram] = {}
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         # Every worker serves the same model, so the answering worker's own info is the
         # service's (an Info metric has no multiprocess form).
         self.model_info = Info("hiera_model", "The model being served.", registry=self.registry)
@@ -121,6 +124,25 @@ class Metrics:
         )  # fmt: skip
         MultiProcessCollector(self.registry, path=self.multiprocess_dir)
         self.registry.register(_WorkersReadyCollector(self))
+
+    def stage(self, endpoint: str, stage: str) -> Histogram:
+        """Return the stage-duration child for these labels, created once (labels() is slow)."""
+        key = (endpoint, stage)
+        child = self._stage_children.get(key)
+        if child is None:
+            child = self._stage_children[key] = self.stage_duration.labels(endpoint, stage)
+        return child
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its duration."""
+        children = self._request_children.get((endpoint, status))
+        if children is None:
+            children = self._request_children[(endpoint, status)] = (
+                self.requests.labels(endpoint, str(status)),
+                self.request_duration.labels(endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def ready_workers(self) -> int:
         """Return how many live workers are ready (multiprocess mode: read every worker's file)."""

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
-def get_service(request: Request) -> InferenceService:
+async def get_service(request: Request) -> InferenceService:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, for every request.
     service: InferenceService = request.app.state.service
     return service
 
@@ -171,7 +172,7 @@ def _answer(
     started = time.perf_counter()
     fields = render(outcome)
     post = time.perf_counter() - started
-    service.metrics.stage_duration.labels(endpoint, "postprocess").observe(post)
+    service.metrics.stage(endpoint, "postprocess").observe(post)
     result = outcome.result
     fields["timing"] = {
         "decode_ms": round(outcome.decode_seconds * 1e3, 3),
