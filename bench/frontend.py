@@ -5,9 +5,11 @@ of fixed latency. Closed-loop clients post single 500x375 JPEGs to /v1/classify;
 own per-thread CPU clocks, read before and after a fixed number of requests, split its CPU time
 into stages: decode + preprocess (the decode threads; split by their wall-time ratio from
 /metrics), the event loop (HTTP parsing, routing, batching, postprocess, metrics, JSON), the
-model threads, and the rest. CPU time, unlike wall time, barely moves when other jobs share
-the cores. Several code trees (`--run`) are measured in alternation, so a before/after pair
-shares the same minutes of the same machine.
+model threads, and the rest. `http_floor` is the event loop's CPU per request for the same
+body posted to a route that only reads it: HTTP, FastAPI and middleware, no service work.
+CPU time, unlike wall time, moves little when other jobs share the cores. Several code trees
+(`--run`) are measured in alternation, so a before/after pair shares the same minutes of the
+same machine.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import httpx
 
 SERVER = Path(__file__).with_name("frontend_server.py")
-STAGES = ("decode", "preprocess", "event_loop", "model_threads", "other", "total")
+STAGES = ("decode", "preprocess", "event_loop", "model_threads", "other", "total", "http_floor")
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,7 @@ def measure(
         "max_batch_size": max_batch_size,
         "max_delay_ms": max_delay_ms,
         "image": "500x375 JPEG",
-        "runs": [
-            {"label": r.label, "source": str(r.source or "installed")} for r in runs
-        ],
+        "runs": [{"label": r.label, "source": str(r.source or "installed")} for r in runs],
         "repeats": results,
         "summary": summary,
     }
@@ -131,7 +131,8 @@ def _start(run: CodeRun, latency_ms: float, max_batch_size: int, max_delay_ms: f
     deadline = time.monotonic() + 120
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"front-end server ({run.label}) exited with {server.process.returncode}")
+            status = server.process.returncode
+            raise RuntimeError(f"front-end server ({run.label}) exited with {status}")
         try:
             if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
                 return server
@@ -151,13 +152,13 @@ async def _drive(
     statuses: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
 
-        async def post(count: int) -> None:
+        async def post(count: int, path: str = "/v1/classify") -> None:
             remaining = [count]
 
             async def worker() -> None:
                 while remaining[0] > 0:
                     remaining[0] -= 1
-                    response = await client.post("/v1/classify", content=image, headers=headers)
+                    response = await client.post(path, content=image, headers=headers)
                     statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -169,10 +170,15 @@ async def _drive(
         await post(requests)
         elapsed = time.perf_counter() - started
         cpu_after, metrics_after = await _snapshot(client)
-    return _stages(cpu_before, cpu_after, metrics_before, metrics_after, requests) | {
-        "statuses": statuses,
-        "wall_s": elapsed,
-    }
+        measured = dict(statuses)
+        # The same body to a route that only reads it: what HTTP, FastAPI and the middleware
+        # cost on the event loop with no service work at all.
+        floor_before = (await client.get("/bench/cpu")).json()["threads"]["MainThread"]
+        await post(requests, "/bench/floor")
+        floor_after = (await client.get("/bench/cpu")).json()["threads"]["MainThread"]
+    report = _stages(cpu_before, cpu_after, metrics_before, metrics_after, requests)
+    report["cpu_ms_per_request"]["http_floor"] = 1e3 * (floor_after - floor_before) / requests
+    return report | {"statuses": measured, "wall_s": elapsed}
 
 
 async def _snapshot(client: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, float]]:
@@ -235,10 +241,10 @@ def print_table(report: dict[str, Any]) -> None:
         f"requests x {len(next(iter(report['repeats'].values())))} repeats, concurrency "
         f"{report['concurrency']}, model = sleep {report['model_latency_ms']} ms)"
     )
-    print(f"  {'run':<12}" + "".join(f"{stage:>22}" for stage in STAGES) + "   mean batch")
+    print(f"  {'run':<8}" + "".join(f"{stage:>22}" for stage in STAGES) + "   mean batch")
     for label, stages in report["summary"].items():
         cells = "".join(
             f"{s['median']:>9.3f} [{s['min']:.3f}-{s['max']:.3f}]".rjust(22)
             for s in (stages[stage] for stage in STAGES)
         )
-        print(f"  {label:<12}{cells}   {stages['mean_batch_size']:.2f}")
+        print(f"  {label:<8}{cells}   {stages['mean_batch_size']:.2f}")

@@ -9,7 +9,6 @@ is front-end cost (HTTP, decode, preprocess, batching, postprocess, metrics).
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from typing import Any
@@ -41,7 +40,6 @@ class SleepBackend:
 
 def thread_cpu() -> dict[str, Any]:
     """Return this process's CPU seconds, in total and per live thread (by thread name)."""
-    times = os.times()
     threads = {}
     for thread in threading.enumerate():
         if thread.ident is None:
@@ -51,7 +49,15 @@ def thread_cpu() -> dict[str, Any]:
             threads[thread.name] = time.clock_gettime(clock)
         except OSError:  # the thread ended between enumerate() and the read
             continue
-    return {"process": times.user + times.system, "threads": threads}
+    return {"process": time.process_time(), "threads": threads}
+
+
+async def http_floor(request: Any) -> Any:
+    """Read the body and answer a constant: the HTTP + framework + middleware cost alone."""
+    from starlette.responses import Response
+
+    await request.body()
+    return Response(b'{"ok":true}', media_type="application/json")
 
 
 def main() -> None:
@@ -105,7 +111,7 @@ def main() -> None:
 
     if not hasattr(service.inference, "plan"):
         raise SystemExit("service.inference no longer loads through plan(): update the bench")
-    service.inference.plan = lambda settings: LoadPlan(card, [("cpu", backend)])  # type: ignore[attr-defined]
+    service.inference.plan = lambda settings: LoadPlan(card, [("cpu", backend)])
     settings = Settings(
         weights="random",
         device="cpu",
@@ -121,11 +127,12 @@ def main() -> None:
     def create_measured_app(*args: Any, **kwargs: Any) -> Any:
         app = create_app(*args, **kwargs)
         app.add_api_route("/bench/cpu", thread_cpu, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/bench/floor", http_floor, methods=["POST"], include_in_schema=False)
         return app
 
     if hasattr(service.cli, "serve"):
         # The service's own entry point: its uvicorn options and process setup are measured.
-        service.app.create_app = create_measured_app  # type: ignore[assignment]
+        service.app.create_app = create_measured_app
         service.cli.serve(settings)
         return
     # Older trees (before `serve` existed) ran uvicorn's defaults without uvloop/httptools

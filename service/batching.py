@@ -19,6 +19,8 @@ from typing import ParamSpec, Protocol
 
 import numpy as np
 
+from service.postprocess import BatchOutputs
+
 __all__ = [
     "BatchObserver",
     "BatchResult",
@@ -106,6 +108,10 @@ class BatchResult:
     batch_size: int
     queue_seconds: float
     infer_seconds: float
+    # The whole batch's outputs, shared by its items (postprocessed once per batch), and the
+    # row that is this item's.
+    outputs: BatchOutputs | None = None
+    row: int = 0
 
 
 # eq=False: identity comparison, so deque.remove() never compares numpy arrays.
@@ -335,7 +341,9 @@ class DynamicBatcher:
             self._observe(self._observer.batch_dispatched, size)
             started = self._clock()
             try:
-                logits, embedding = await self._infer(np.stack([p.item for p in batch]))
+                # One item needs no copy: a [1, 3, H, W] view of it is already contiguous.
+                stacked = batch[0].item[None] if size == 1 else np.stack([p.item for p in batch])
+                logits, embedding = await self._infer(stacked)
                 _check_outputs(logits, embedding, size)
             except Exception as exc:
                 elapsed = self._clock() - started
@@ -345,6 +353,7 @@ class DynamicBatcher:
                 self._observe(self._observer.batch_done, size, elapsed, False)
                 return
             elapsed = self._clock() - started
+            outputs = BatchOutputs(logits, embedding)
             for i, p in enumerate(batch):
                 if not p.future.done():  # a caller that left (cancel, deadline) gets nothing
                     p.future.set_result(
@@ -354,6 +363,8 @@ class DynamicBatcher:
                             batch_size=size,
                             queue_seconds=dispatched_at - p.enqueued_at,
                             infer_seconds=elapsed,
+                            outputs=outputs,
+                            row=i,
                         )
                     )
             self._observe(self._observer.batch_done, size, elapsed, True)
