@@ -135,6 +135,8 @@ class Supervisor:
                 worker.process.wait()
 
     def _start(self, worker: _Worker) -> None:
+        if self.stopping:  # SIGTERM arrived while the workers were being started
+            return
         env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         if worker.devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(worker.devices)
@@ -194,6 +196,8 @@ def supervise(settings: Settings) -> int:
     port = reserved.getsockname()[1]
     metrics_dir = tempfile.mkdtemp(prefix="hiera-metrics-")
     supervisor: Supervisor | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # no worker yet: just clean up and leave
+        signal.signal(sig, _exit_now)
     try:
         settings = _prepare(settings.model_copy(update={"port": port}))
         devices = assign_devices(visible_gpus(settings), settings.workers)
@@ -213,6 +217,10 @@ def supervise(settings: Settings) -> int:
             supervisor.kill_all()
         reserved.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _exit_now(*_: Any) -> None:
+    raise SystemExit(0)
 
 
 def _prepare(settings: Settings) -> Settings:
