@@ -30,7 +30,7 @@ from service.settings import Settings
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiera-bench", description=__doc__)
-    p.add_argument("--model-repository", type=Path, required=True, help="hiera-export output")
+    p.add_argument("--model-repository", type=Path, help="hiera-export output")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torchscript", "eager"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -41,11 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     p.add_argument("--image", type=Path, default=Path("examples/grace_hopper.jpg"))
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON output folder")
+    front = p.add_argument_group(
+        "front-end mode", "--frontend: the model is a sleep; CPU ms per request by stage"
+    )
+    front.add_argument("--frontend", action="store_true", help="measure front-end CPU cost")
+    front.add_argument("--requests", type=int, default=2000, help="measured requests per repeat")
+    front.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
+    front.add_argument("--repeats", type=int, default=3, help="repeats of every --run")
+    front.add_argument("--latency-ms", type=float, default=5.0, help="the sleeping model's latency")
+    front.add_argument(
+        "--run",
+        action="append",
+        metavar="LABEL:SOURCE",
+        help="code to measure: SOURCE is a source tree holding service/ (`.` = the installed "
+        "code); repeatable, measured in alternation (default: current:.)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.frontend:
+        return _frontend(args)
+    if args.model_repository is None:
+        parser.error("--model-repository is required (except with --frontend)")
     settings = Settings(
         model_repository=args.model_repository,
         backend=args.backend,
@@ -76,6 +96,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = args.out / f"bench-{load_plan.card.name}-{args.backend}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _frontend(args: argparse.Namespace) -> int:
+    from bench import frontend
+
+    runs = [frontend.CodeRun.parse(spec) for spec in args.run or ["current:."]]
+    report = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine("cpu"),
+    } | frontend.measure(
+        runs,
+        image=frontend.jpeg_500x375(args.image),
+        requests=args.requests,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        repeats=args.repeats,
+        latency_ms=args.latency_ms,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+    )
+    frontend.print_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"frontend-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
@@ -31,7 +33,7 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     """
     # The *_created series double /metrics for no dashboard use; process-wide, set per app.
     disable_created_metrics()
-    metrics = Metrics()
+    metrics = Metrics(workers=settings.workers)
     service = InferenceService(settings, metrics)
 
     @contextlib.asynccontextmanager
@@ -52,6 +54,7 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        **_no_native_telemetry(),
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -63,6 +66,17 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     app.include_router(native.router)
     app.include_router(health.router)
     return app
+
+
+def _no_native_telemetry() -> dict[str, Any]:
+    """Turn off FastAPI's built-in OpenTelemetry hooks (FastAPI >= 0.16x): /metrics is ours.
+
+    Left on, FastAPI checks the global OTel providers on every request, even when none is set.
+    """
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    return {"telemetry": off}
 
 
 async def _load(service: InferenceService, on_fatal: FatalCallback | None) -> None:

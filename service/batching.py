@@ -22,6 +22,8 @@ from typing import Any, ParamSpec, Protocol
 
 import numpy as np
 
+from service.postprocess import BatchOutputs
+
 __all__ = [
     "BatchObserver",
     "BatchResult",
@@ -111,6 +113,10 @@ class BatchResult:
     batch_size: int
     queue_seconds: float
     infer_seconds: float
+    # The whole batch's outputs, shared by its items (postprocessed once per batch), and the
+    # row that is this item's.
+    outputs: BatchOutputs | None = None
+    row: int = 0
 
 
 # eq=False: identity comparison, so deque.remove() never compares numpy arrays.
@@ -350,6 +356,7 @@ class DynamicBatcher:
                 self._observe(self._observer.batch_done, size, elapsed, False)
                 return
             elapsed = self._clock() - started
+            outputs = BatchOutputs(logits, embedding)
             for i, p in enumerate(batch):
                 if not p.future.done():  # a caller that left (cancel, deadline) gets nothing
                     p.future.set_result(
@@ -359,6 +366,8 @@ class DynamicBatcher:
                             batch_size=size,
                             queue_seconds=dispatched_at - p.enqueued_at,
                             infer_seconds=elapsed,
+                            outputs=outputs,
+                            row=i,
                         )
                     )
             self._observe(self._observer.batch_done, size, elapsed, True)

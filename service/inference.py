@@ -186,13 +186,13 @@ class InferenceService:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
         prepared = await self._prepare(data, self.card.preprocessing)
-        stage = self.metrics.stage_duration
-        stage.labels(endpoint, "decode").observe(prepared.decode_seconds)
-        stage.labels(endpoint, "preprocess").observe(prepared.preprocess_seconds)
+        stage = self.metrics.stage
+        stage(endpoint, "decode").observe(prepared.decode_seconds)
+        stage(endpoint, "preprocess").observe(prepared.preprocess_seconds)
         self.metrics.image_pixels.observe(prepared.width * prepared.height)
         result = await self.batcher.submit(prepared.pixels, deadline=deadline)
-        stage.labels(endpoint, "queue").observe(result.queue_seconds)
-        stage.labels(endpoint, "inference").observe(result.infer_seconds)
+        stage(endpoint, "queue").observe(result.queue_seconds)
+        stage(endpoint, "inference").observe(result.infer_seconds)
         return Outcome(
             result,
             prepared.decode_seconds,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from collections.abc import Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -24,11 +27,20 @@ STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 
 
 class Metrics:
-    """The service's metrics; one instance per app so tests get isolated registries."""
+    """The service's metrics; one instance per app so tests get isolated registries.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    With `workers > 1` (Prometheus multiprocess mode) every value lives in a per-process file
+    under PROMETHEUS_MULTIPROC_DIR, and `registry` is the scrape registry that reads the files
+    of every worker, so one scrape of any worker counts them all.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, workers: int = 1) -> None:
+        self.workers = workers
+        self.multiprocess_dir = _multiprocess_dir() if workers > 1 else None
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        # In multiprocess mode the files are the registry: registering the metric objects too
+        # would export each series twice.
+        r = None if self.multiprocess_dir else self.registry
         self.requests = Counter(
             "hiera_requests", "HTTP requests answered.", ["endpoint", "status"], registry=r
         )
@@ -56,10 +68,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("hiera_queue_depth", "Images waiting for a batch.", registry=r)
+        # Gauge modes only matter across workers: sums over live workers, no `pid` label.
+        self.queue_depth = Gauge(
+            "hiera_queue_depth", "Images waiting for a batch.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.in_flight = Gauge(
-            "hiera_requests_in_flight", "HTTP requests being handled.", registry=r
-        )
+            "hiera_requests_in_flight", "HTTP requests being handled.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.failures = Counter(
             "hiera_failures",
             "Requests or images answered with an error, once each, by error code.",
@@ -88,9 +105,54 @@ class Metrics:
             "hiera_model_load_duration_seconds",
             "Time to load and warm every model instance.",
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge("hiera_ready", "1 when the service accepts inference.", registry=r)
-        self.model_info = Info("hiera_model", "The model being served.", registry=r)
+        # Label children cached per label set: endpoints, stages and statuses are few.
+        self._stage_children: dict[tuple[str, str], Histogram] = {}
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        # Every worker serves the same model, so the answering worker's own info is the
+        # service's (an Info metric has no multiprocess form).
+        self.model_info = Info("hiera_model", "The model being served.", registry=self.registry)
+        if self.multiprocess_dir is None:
+            self.ready = Gauge("hiera_ready", "1 when the service accepts inference.", registry=r)
+            return
+        # Each worker adds 1 while it is ready; `hiera_ready` is computed from the sum at scrape
+        # time, so it is 1 only when all `workers` are present and ready.
+        self.ready = Gauge(
+            "hiera_workers_ready", "Worker processes that accept inference.", registry=None,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        MultiProcessCollector(self.registry, path=self.multiprocess_dir)
+        self.registry.register(_WorkersReadyCollector(self))
+
+    def stage(self, endpoint: str, stage: str) -> Histogram:
+        """Return the stage-duration child for these labels, created once (labels() is slow)."""
+        key = (endpoint, stage)
+        child = self._stage_children.get(key)
+        if child is None:
+            child = self._stage_children[key] = self.stage_duration.labels(endpoint, stage)
+        return child
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its duration."""
+        children = self._request_children.get((endpoint, status))
+        if children is None:
+            children = self._request_children[(endpoint, status)] = (
+                self.requests.labels(endpoint, str(status)),
+                self.request_duration.labels(endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def ready_workers(self) -> int:
+        """Return how many live workers are ready (multiprocess mode: read every worker's file)."""
+        if self.multiprocess_dir is None:
+            raise RuntimeError("ready_workers() needs multiprocess mode (workers > 1)")
+        files = glob.glob(os.path.join(self.multiprocess_dir, "gauge_livesum_*.db"))
+        for metric in MultiProcessCollector.merge(files):
+            if metric.name == "hiera_workers_ready":
+                return round(sum(sample.value for sample in metric.samples))
+        return 0
 
     def enable_gpu_metrics(self, gpus: Mapping[str, str]) -> bool:
         """Export NVML utilisation and memory for the GPUs served on ({"cuda:0": uuid, ...}).
@@ -103,6 +165,32 @@ class Metrics:
             return False
         self.registry.register(collector)
         return True
+
+
+def _multiprocess_dir() -> str:
+    """Return PROMETHEUS_MULTIPROC_DIR, checking that prometheus_client writes files there."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    # prometheus_client picks file-backed values when it is first imported, from the same
+    # variable: the supervisor sets it before a worker starts.
+    if not path or not os.path.isdir(path) or not getattr(values.ValueClass, "_multiprocess", 0):
+        raise RuntimeError(
+            "workers > 1 needs PROMETHEUS_MULTIPROC_DIR (an existing folder) set before the "
+            "process starts; run through `hiera-serve --workers N`, which sets it"
+        )
+    return path
+
+
+class _WorkersReadyCollector(Collector):
+    """Export `hiera_ready`: 1 only when every one of the expected workers is ready."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = self._metrics.ready_workers() >= self._metrics.workers
+        yield GaugeMetricFamily(
+            "hiera_ready", "1 when every worker accepts inference.", value=1.0 if ready else 0.0
+        )
 
 
 class BatcherMetrics:

@@ -57,9 +57,8 @@ class RequestContextMiddleware:
             self.metrics.failures.labels(reason="internal_error").inc()
         finally:
             self.metrics.in_flight.dec()
-            endpoint = _endpoint(scope)
-            self.metrics.requests.labels(endpoint, str(status or 500)).inc()
-            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.request_done(_endpoint(scope), status or 500, elapsed)
             request_id_var.reset(token)
 
     def _too_large(self) -> ApiError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -41,3 +42,48 @@ def normalize(embedding: np.ndarray) -> np.ndarray:
 def encode_base64(embedding: np.ndarray) -> str:
     """Encode as base64 of little-endian float32 bytes (`np.frombuffer(b, '<f4')` decodes)."""
     return base64.b64encode(embedding.astype("<f4").tobytes()).decode("ascii")
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Return probabilities for [B, C] logits; each row is exactly what softmax() returns."""
+    shifted = logits.astype(np.float64) - np.max(logits, axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
+
+
+def normalize_rows(embedding: np.ndarray) -> np.ndarray:
+    """Scale each row of [B, D] to unit L2 norm (as normalize() does); zero rows stay zero."""
+    vectors = embedding.astype(np.float32)
+    wide = vectors.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", wide, wide)).astype(np.float32)[:, None]
+    return np.divide(vectors, norms, out=vectors.copy(), where=norms > 0)
+
+
+class BatchOutputs:
+    """One batch's outputs, postprocessed with whole-batch numpy calls on first use.
+
+    Every request of a batch reads its own row; the first one to ask pays for all rows, so a
+    batch of B costs one softmax and one sort call instead of B of each.
+    """
+
+    def __init__(self, logits: np.ndarray, embedding: np.ndarray) -> None:
+        self.logits = logits  # [B, C]
+        self.embedding = embedding  # [B, D]
+
+    @cached_property
+    def probabilities(self) -> np.ndarray:
+        return softmax_rows(self.logits)
+
+    @cached_property
+    def order(self) -> np.ndarray:
+        # Stable, like top_k(): equal scores stay in index order, also across the k-th place.
+        return np.argsort(-self.probabilities, axis=1, kind="stable")
+
+    @cached_property
+    def unit(self) -> np.ndarray:
+        return normalize_rows(self.embedding)
+
+    def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:
+        """Return row's k most probable classes, best first, exactly as top_k() would."""
+        scores = self.probabilities[row]
+        return [Prediction(i, labels[i], float(scores[i])) for i in self.order[row, :k].tolist()]

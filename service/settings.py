@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     # Process.
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port, each with its own batcher and model "
+        "instances; GPUs are split round-robin over them",
+    )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="level")
     drain_timeout_s: float = Field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,9 +21,17 @@ async def live() -> JSONResponse:
 @router.get("/health/ready", summary="200 once the model is loaded and warmed; 503 otherwise")
 async def ready(request: Request) -> JSONResponse:
     service: InferenceService = request.app.state.service
-    body = {"status": "ready" if service.ready else "not_ready", "state": service.state,
-            "reason": service.reason}  # fmt: skip
-    if service.ready:
+    ready, reason = service.ready, service.reason
+    body: dict[str, object] = {"state": service.state}
+    metrics = request.app.state.metrics
+    if metrics.workers > 1:
+        # Ready only when every worker is: the orchestrator sees one pod, not N processes.
+        count = metrics.ready_workers()
+        body["workers"] = {"ready": count, "total": metrics.workers, "pid": os.getpid()}
+        if ready and count < metrics.workers:
+            ready, reason = False, f"{count} of {metrics.workers} workers ready"
+    body = {"status": "ready" if ready else "not_ready", **body, "reason": reason}
+    if ready:
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 

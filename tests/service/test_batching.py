@@ -252,7 +252,12 @@ async def test_each_caller_gets_its_own_row() -> None:
         np.testing.assert_array_equal(r.logits, logits)
         np.testing.assert_allclose(r.embedding, embedding, rtol=1e-5)
         assert r.logits.shape == (K,) and r.embedding.shape == (D,)
+        # The batch-wide outputs are shared by the batch, and `row` points at this item's.
+        assert r.outputs is not None
+        np.testing.assert_array_equal(r.outputs.logits[r.row], logits)
     assert max(r.batch_size for r in results) > 1
+    shared = [r for r in results if r.outputs is results[0].outputs]
+    assert sorted(r.row for r in shared) == list(range(results[0].batch_size))
     assert errors == []
     await batcher.close()
 

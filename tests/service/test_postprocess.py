@@ -7,7 +7,16 @@ import base64
 import numpy as np
 import pytest
 
-from service.postprocess import Prediction, encode_base64, normalize, softmax, top_k
+from service.postprocess import (
+    BatchOutputs,
+    Prediction,
+    encode_base64,
+    normalize,
+    normalize_rows,
+    softmax,
+    softmax_rows,
+    top_k,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -198,3 +207,35 @@ def test_encode_base64_of_known_bytes() -> None:
     assert encode_base64(np.array([1.0], np.float32)) == base64.b64encode(
         b"\x00\x00\x80\x3f"
     ).decode("ascii")
+
+
+# --- whole-batch postprocessing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_postprocessing_equals_the_per_row_functions_bit_for_bit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows, classes = int(rng.integers(1, 9)), int(rng.integers(2, 1100))
+    logits = (rng.standard_normal((rows, classes)) * rng.uniform(0.1, 30)).astype(np.float32)
+    if seed % 2:
+        logits = np.round(logits)  # many ties, also across the k-th place
+    embedding = rng.standard_normal((rows, 128)).astype(np.float32)
+    embedding[0] = 0.0  # a zero row stays zero
+    outputs = BatchOutputs(logits, embedding)
+    labels = names(classes)
+    for row in range(rows):
+        assert np.array_equal(softmax_rows(logits)[row], softmax(logits[row]))
+        assert np.array_equal(normalize_rows(embedding)[row], normalize(embedding[row]))
+        assert np.array_equal(outputs.unit[row], normalize(embedding[row]))
+        for k in (1, 5, classes):
+            assert outputs.top_k(row, labels, k) == top_k(logits[row], labels, k)
+
+
+def test_batch_outputs_postprocess_once_per_batch() -> None:
+    outputs = BatchOutputs(np.zeros((3, 10), np.float32), np.ones((3, 4), np.float32))
+    first = outputs.top_k(0, names(10), 3)
+    probabilities = outputs.probabilities
+    outputs.top_k(2, names(10), 3)
+    assert outputs.probabilities is probabilities  # computed for all rows by the first call
+    assert [p.index for p in first] == [0, 1, 2]  # all equal: lowest indices first
+    np.testing.assert_allclose(outputs.unit, np.full((3, 4), 0.5, np.float32))

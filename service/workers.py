@@ -1,0 +1,265 @@
+"""`--workers N`: a small supervisor that runs N server processes on one port.
+
+Each worker is a fresh interpreter (`python -m service.workers`) with its own event loop,
+batcher and model instances, and its own listening socket bound with SO_REUSEPORT, so the
+kernel spreads new connections evenly over the workers (a shared, inherited socket lets the
+first worker to wake accept a whole burst, which would overload one GPU's batcher). The
+supervisor holds a bound, non-listening socket on the port so it stays reserved while a
+worker restarts, gives worker i its own GPUs through CUDA_VISIBLE_DEVICES, points every worker
+at one private PROMETHEUS_MULTIPROC_DIR, forwards SIGTERM so each worker drains, and:
+
+- exits 1 (after stopping the others) when a worker cannot load its model;
+- restarts a worker that dies after loading, unless it keeps dying (then exits 1);
+- marks a dead worker's live gauges dead, so readiness reads "N-1 of N workers ready"
+  until its replacement is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOAD_FAILED = 3  # a worker's exit status when its model could not be loaded
+RESTARTS_PER_MINUTE = 3  # a worker dying more often than this is a crash loop: give up
+KILL_GRACE_S = 15.0  # beyond the drain timeout, before a worker that ignores SIGTERM is killed
+
+
+def assign_devices(visible: Sequence[str], workers: int) -> list[list[str]]:
+    """Split the visible GPUs over the workers round-robin; with fewer GPUs, workers share."""
+    if not visible:
+        return [[] for _ in range(workers)]
+    if workers <= len(visible):
+        return [list(visible[i::workers]) for i in range(workers)]
+    return [[visible[i % len(visible)]] for i in range(workers)]
+
+
+def visible_gpus(settings: Settings) -> list[str]:
+    """Return the CUDA device ids this process sees, as CUDA_VISIBLE_DEVICES would name them."""
+    if settings.device == "cpu":
+        return []
+    from service.runtime.devices import cuda_device_count
+
+    count = cuda_device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [token.strip() for token in listed.split(",") if token.strip()][:count]
+
+
+def bind_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    """Bind host:port with SO_REUSEPORT; listen only in a worker."""
+    reuse_port = getattr(socket, "SO_REUSEPORT", None)
+    if reuse_port is None:
+        raise OSError("--workers > 1 needs SO_REUSEPORT (Linux, macOS, BSD)")
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, reuse_port, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Worker:
+    index: int
+    devices: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    deaths: collections.deque[float] = field(default_factory=collections.deque)
+
+
+class Supervisor:
+    """Start, watch, restart and stop the worker processes."""
+
+    def __init__(self, settings: Settings, metrics_dir: str, devices: list[list[str]]) -> None:
+        self.settings = settings
+        self.metrics_dir = metrics_dir
+        self.workers = [_Worker(i, d) for i, d in enumerate(devices)]
+        self.stopping = False
+        self.failed = False
+        self._stop_deadline = float("inf")
+
+    def run(self) -> int:
+        """Start every worker and supervise them until stopped; return the exit status."""
+        for worker in self.workers:
+            self._start(worker)
+        while True:
+            for worker in self.workers:
+                self._check(worker)
+            alive = [w.process for w in self.workers if w.process and w.process.poll() is None]
+            if self.stopping and not alive:
+                return 1 if self.failed else 0
+            if self.stopping and time.monotonic() > self._stop_deadline:
+                for process in alive:
+                    log.error("worker pid %d did not drain in time; killing it", process.pid)
+                    process.kill()
+                self._stop_deadline = float("inf")
+            time.sleep(0.1)
+
+    def stop(self, *_: Any) -> None:
+        """Forward SIGTERM to every worker so each drains; the run loop then waits for them."""
+        if not self.stopping:
+            self.stopping = True
+            self._stop_deadline = time.monotonic() + self.settings.drain_timeout_s + KILL_GRACE_S
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    def kill_all(self) -> None:
+        """Kill workers still running (used only when the supervisor itself is failing)."""
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+
+    def _start(self, worker: _Worker) -> None:
+        if self.stopping:  # SIGTERM arrived while the workers were being started
+            return
+        env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        if worker.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(worker.devices)
+        command = [
+            sys.executable, "-m", "service.workers", "--index", str(worker.index),
+            "--settings", self.settings.model_dump_json(),
+        ]  # fmt: skip
+        worker.process = subprocess.Popen(command, env=env)
+        where = f"GPUs {','.join(worker.devices)}" if worker.devices else self.settings.device
+        log.info("worker %d started (pid %d, %s)", worker.index, worker.process.pid, where)
+
+    def _check(self, worker: _Worker) -> None:
+        process = worker.process
+        if process is None or (status := process.poll()) is None:
+            return
+        worker.process = None
+        from prometheus_client.multiprocess import mark_process_dead
+
+        # Its live gauges (ready, queue depth, in flight) leave the sums; counters stay.
+        mark_process_dead(process.pid, self.metrics_dir)
+        if self.stopping:
+            if status != 0:
+                log.error("worker %d (pid %d) exited with %d", worker.index, process.pid, status)
+                self.failed = True
+            return
+        if status == LOAD_FAILED:
+            log.error("worker %d could not load the model; stopping all workers", worker.index)
+            self._give_up()
+            return
+        now = time.monotonic()
+        worker.deaths.append(now)
+        while worker.deaths and worker.deaths[0] < now - 60:
+            worker.deaths.popleft()
+        if len(worker.deaths) > RESTARTS_PER_MINUTE:
+            deaths = len(worker.deaths)
+            log.error("worker %d died %d times in a minute; stopping", worker.index, deaths)
+            self._give_up()
+            return
+        log.error(
+            "worker %d (pid %d) died with status %d; restarting it (readiness is false until "
+            "it is ready)", worker.index, process.pid, status,
+        )  # fmt: skip
+        self._start(worker)
+
+    def _give_up(self) -> None:
+        self.failed = True
+        self.stop()
+
+
+def supervise(settings: Settings) -> int:
+    """Run `settings.workers` worker processes on one port until SIGTERM; return exit status."""
+    try:
+        reserved = bind_socket(settings.host, settings.port, listen=False)
+    except OSError as exc:
+        log.error("cannot bind %s:%d: %s", settings.host, settings.port, exc)
+        return 1
+    port = reserved.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="hiera-metrics-")
+    supervisor: Supervisor | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # no worker yet: just clean up and leave
+        signal.signal(sig, _exit_now)
+    try:
+        settings = _prepare(settings.model_copy(update={"port": port}))
+        devices = assign_devices(visible_gpus(settings), settings.workers)
+        supervisor = Supervisor(settings, metrics_dir, devices)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, supervisor.stop)
+        log.info(
+            "serving on %s:%d with %d workers (metrics files in %s)",
+            settings.host, port, settings.workers, metrics_dir,
+        )  # fmt: skip
+        return supervisor.run()
+    except Exception as exc:
+        log.error("cannot start the workers: %s", exc)
+        return 1
+    finally:
+        if supervisor is not None:
+            supervisor.kill_all()
+        reserved.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _exit_now(*_: Any) -> None:
+    raise SystemExit(0)
+
+
+def _prepare(settings: Settings) -> Settings:
+    """Export an on-the-fly model once, here, so N workers do not race to write one folder."""
+    if settings.model_repository is not None or settings.backend == "eager":
+        return settings
+    from service.runtime.loader import export_on_the_fly
+
+    repository, _ = export_on_the_fly(settings)
+    return settings.model_copy(update={"model_repository": repository.path})
+
+
+def run_worker(argv: Sequence[str] | None = None) -> int:
+    """Serve as worker `--index` on a SO_REUSEPORT socket; exit LOAD_FAILED if loading fails."""
+    parser = argparse.ArgumentParser(prog="hiera-serve worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="Settings as JSON")
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate_json(args.settings)
+
+    from service.cli import serve
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    _exit_with_parent(os.getppid())
+    sock = bind_socket(settings.host, settings.port, listen=True)
+    return LOAD_FAILED if serve(settings, sock) else 0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Drain and exit if the supervisor disappears, instead of serving on as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="hiera-parent-watch", daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(run_worker())
