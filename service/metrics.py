@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, values
@@ -37,6 +38,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, workers: int = 1) -> None:
         self.workers = workers
         self.multiprocess_dir = _multiprocess_dir() if workers > 1 else None
+        self.gpu_sampler: GpuSampler | None = None
         self.registry = registry or CollectorRegistry()
         # In multiprocess mode the files are the registry: registering the metric objects too
         # would export each series twice.
@@ -163,7 +165,19 @@ class Metrics:
         collector = NvmlCollector.create(gpus)
         if collector is None:
             return False
-        self.registry.register(collector)
+        if self.multiprocess_dir is None:
+            self.registry.register(collector)  # read at scrape time
+            return True
+        # Workers: a scrape reaches one worker, which cannot read another's NVML handles at
+        # scrape time. Each samples its own GPUs into the shared files instead, so any scrape
+        # shows every live worker's GPUs (a GPU shared by workers: the same reading, max).
+        gauges = [
+            Gauge(name, help_text, ["gpu", "device"], registry=None, multiprocess_mode="livemax")
+            for name, help_text in NvmlCollector.FAMILIES
+        ]
+        self.gpu_sampler = GpuSampler(collector, gauges)
+        self.gpu_sampler.sample()  # the first reading is there before the first scrape
+        self.gpu_sampler.start()
         return True
 
 
@@ -218,6 +232,12 @@ class BatcherMetrics:
 class NvmlCollector(Collector):
     """Read GPU utilisation and memory from NVML at scrape time."""
 
+    FAMILIES = (
+        ("hiera_gpu_utilization_ratio", "GPU busy fraction over the last sample."),
+        ("hiera_gpu_memory_used_bytes", "GPU memory used."),
+        ("hiera_gpu_memory_total_bytes", "GPU memory."),
+    )
+
     def __init__(self, nvml: object, gpus: list[tuple[str, str, object]]) -> None:
         self._nvml = nvml
         self._gpus = gpus  # (uuid, cuda device, NVML handle)
@@ -239,14 +259,10 @@ class NvmlCollector(Collector):
             return None
         return cls(pynvml, found)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def read(self) -> list[tuple[list[str], tuple[float, float, float]]]:
+        """Return ([uuid, device], (utilisation ratio, used bytes, total bytes)) per GPU."""
         nvml = self._nvml
-        labels = ["gpu", "device"]
-        util = GaugeMetricFamily(
-            "hiera_gpu_utilization_ratio", "GPU busy fraction over the last sample.", labels=labels
-        )
-        used = GaugeMetricFamily("hiera_gpu_memory_used_bytes", "GPU memory used.", labels=labels)
-        total = GaugeMetricFamily("hiera_gpu_memory_total_bytes", "GPU memory.", labels=labels)
+        readings = []
         for uuid, device, handle in self._gpus:
             try:
                 rates = nvml.nvmlDeviceGetUtilizationRates(handle)  # type: ignore[attr-defined]
@@ -254,7 +270,39 @@ class NvmlCollector(Collector):
             except Exception:  # a GPU lost mid-scrape must not break /metrics
                 log.warning("NVML read failed for GPU %s (%s)", uuid, device, exc_info=True)
                 continue
-            util.add_metric([uuid, device], rates.gpu / 100.0)
-            used.add_metric([uuid, device], float(memory.used))
-            total.add_metric([uuid, device], float(memory.total))
-        yield from (util, used, total)
+            readings.append(
+                ([uuid, device], (rates.gpu / 100.0, float(memory.used), float(memory.total)))
+            )
+        return readings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = [
+            GaugeMetricFamily(name, help_text, labels=["gpu", "device"])
+            for name, help_text in self.FAMILIES
+        ]
+        for labels, values_ in self.read():
+            for family, value in zip(families, values_, strict=True):
+                family.add_metric(labels, value)
+        yield from families
+
+
+class GpuSampler(threading.Thread):
+    """Copy NVML readings into multiprocess gauges every `interval_s` (workers mode)."""
+
+    def __init__(self, source: NvmlCollector, gauges: list[Gauge], interval_s: float = 5.0):
+        super().__init__(name="hiera-nvml", daemon=True)
+        self._source, self._gauges, self._interval_s = source, gauges, interval_s
+        self._stop = threading.Event()
+
+    def sample(self) -> None:
+        for labels, values_ in self._source.read():
+            for gauge, value in zip(self._gauges, values_, strict=True):
+                gauge.labels(*labels).set(value)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -136,3 +136,30 @@ def test_devices_split_round_robin_over_workers(
     visible: list[str], workers: int, expected: list[list[str]]
 ) -> None:
     assert assign_devices(visible, workers) == expected
+
+
+def test_gpu_gauges_of_every_worker_reach_one_scrape(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from tests.service.test_metrics import FakeNvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    first, second = workers.metrics(501), workers.metrics(502)
+    # Each worker sees its one GPU as cuda:0 (CUDA_VISIBLE_DEVICES), NVML knows it by UUID.
+    with workers.as_pid(501):
+        assert first.enable_gpu_metrics({"cuda:0": "GPU-bbbb"})
+    with workers.as_pid(502):
+        assert second.enable_gpu_metrics({"cuda:0": "GPU-aaaa"})
+    for sampler in (first.gpu_sampler, second.gpu_sampler):
+        assert sampler is not None
+        sampler.stop()
+
+    value = second.registry.get_sample_value  # scraped through the other worker
+    labels = {"gpu": "GPU-bbbb", "device": "cuda:0"}
+    assert value("hiera_gpu_utilization_ratio", labels) == pytest.approx(0.37)
+    assert value("hiera_gpu_memory_total_bytes", labels) == 80 * 2**30
+    # GPU-aaaa fails to read (FakeNvml): absent, and the scrape still works.
+    assert value("hiera_gpu_utilization_ratio", {"gpu": "GPU-aaaa", "device": "cuda:0"}) is None
+    assert "pid=" not in generate_latest(second.registry).decode()
