@@ -6,7 +6,8 @@
 2. SDPA probe: whether Hiera's 5-D mask-unit attention can use the fused kernels, and what a
    4-D layout would gain.
 3. Throughput: Hiera-B fp16 model-only at batch 64 and 128, and end to end (a real
-   `hiera-serve`, single-image 500x375 JPEG requests from several client processes).
+   `hiera-serve` with two workers on the GPU, single-image 500x375 JPEG requests from several
+   client processes), checking that one scrape of /metrics counts every worker's answers.
 
 Writes JSON and prints a table. Without a CUDA device it says so and exits 77 (the code
 automake and ctest use for "skipped"), never 0.
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     p.add_argument("--concurrency", type=int, default=256, help="end-to-end HTTP clients")
     p.add_argument("--client-processes", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1, help="hiera-serve worker processes")
+    p.add_argument("--workers", type=int, default=2, help="hiera-serve worker processes")
     p.add_argument("--skip-e2e", action="store_true")
     return p
 
@@ -116,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     failed = [r["path"] for r in report["agreement"] if not r["ok"]]
+    if "end_to_end" in report and not report["end_to_end"]["metrics_count_ok"]:
+        failed.append(f"metrics across {args.workers} workers")
     if failed:
         print(f"gpu-check FAILED: {', '.join(failed)}")
         return 1
@@ -256,12 +259,16 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
                 )
             )
         elapsed = time.perf_counter() - started
+        counted = _classified(url)
     finally:
         server.terminate()
         server.wait(120)
     latencies = [s for part in parts for s in part[0]]
     ok = sum(part[1] for part in parts)
     return {
+        # One scrape of one worker must count every worker's answers (multiprocess metrics).
+        "metrics_count_ok": counted == ok,
+        "metrics_counted": counted,
         "image": "500x375 JPEG",
         "concurrency": per_process * args.client_processes,
         "workers": args.workers,
@@ -270,6 +277,21 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
         "images_per_s": round(ok / elapsed, 1),
         "latency_ms": _percentiles(latencies),
     }
+
+
+def _classified(url: str) -> float:
+    """Return hiera_requests_total{endpoint="classify",status="200"} from one scrape."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "hiera_requests_total"
+        and sample.labels == {"endpoint": "classify", "status": "200"}
+    )
 
 
 def _client_process(url: str, image: bytes, concurrency: int, seconds: float) -> tuple[
