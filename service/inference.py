@@ -18,7 +18,7 @@ from model.hiera import WeightsUnavailable
 from model.variants import UnknownVariant
 from service import imaging
 from service.batching import BatchResult, DynamicBatcher
-from service.errors import NotReady
+from service.errors import ApiError, NotReady
 from service.metrics import BatcherMetrics, Metrics
 from service.runtime.base import BackendError
 from service.runtime.loader import ModelCard, plan
@@ -158,6 +158,37 @@ class InferenceService:
         stage.labels(endpoint, "queue").observe(result.queue_seconds)
         stage.labels(endpoint, "inference").observe(result.infer_seconds)
         return Outcome(result, decode_s, preprocess_s, decoded.width, decoded.height)
+
+    async def predict_pixels(
+        self, pixels: np.ndarray, endpoint: str, deadline: float
+    ) -> list[Outcome]:
+        """Batch and run already-preprocessed float32 `[B, 3, H, W]` pixels, all or none."""
+        if not self.ready or self.batcher is None or self.card is None:
+            raise NotReady(self.reason)
+        height, width = self.card.preprocessing.input_size
+        if pixels.dtype != np.float32 or pixels.ndim != 4 or pixels.shape[1:] != (3, height, width):
+            raise ApiError(
+                400, "invalid_tensor",
+                f"pixels must be float32 [B, 3, {height}, {width}] (resized, cropped and "
+                f"normalised like /v1/models' preprocessing), got {pixels.dtype} "
+                f"{list(pixels.shape)}",
+            )  # fmt: skip
+        if not np.isfinite(pixels).all():
+            raise ApiError(400, "invalid_tensor", "pixels contain NaN or infinite values")
+        batcher, stage = self.batcher, self.metrics.stage_duration
+
+        async def one(item: np.ndarray) -> Outcome:
+            result = await batcher.submit(np.ascontiguousarray(item), deadline=deadline)
+            stage.labels(endpoint, "queue").observe(result.queue_seconds)
+            stage.labels(endpoint, "inference").observe(result.infer_seconds)
+            return Outcome(result, 0.0, 0.0, width, height)
+
+        tasks = [asyncio.ensure_future(one(item)) for item in pixels]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # after a failure, the others must not keep their queue slots
+                task.cancel()
 
     def _decode(
         self, data: bytes, pp: imaging.Preprocessing
