@@ -10,8 +10,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 
-from service.errors import ApiError
-from service.inference import InferenceService
+from service.errors import ApiError, to_api_error
+from service.imaging import ImageError
+from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize
 from service.responses import JSONResponse
 from service.routes.protocol import all_or_nothing, protocol_route
@@ -22,8 +23,11 @@ ENDPOINT = "openai_embeddings"
 class ParamError(ApiError):
     """A 400 that names the offending request field, as OpenAI's `param` does."""
 
-    def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(400, "invalid_embeddings_request", message)
+    def __init__(
+        self, param: str | None, message: str, status: int = 400,
+        code: str = "invalid_embeddings_request",
+    ) -> None:  # fmt: skip
+        super().__init__(status, code, message)
         self.param = param
 
 
@@ -104,7 +108,9 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
             "to be truncated (not Matryoshka), so a shorter vector would be meaningless",
         )
     images = parse_inputs(body.get("input"), service.settings.max_images_per_request)
-    outcomes = await all_or_nothing([service.predict(data, ENDPOINT, deadline) for data in images])
+    outcomes = await all_or_nothing(
+        [_predict(service, data, index, deadline) for index, data in enumerate(images)]
+    )
     started = time.perf_counter()
     data = []
     for index, outcome in enumerate(outcomes):
@@ -117,6 +123,15 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
     # Images are not text tokens; usage reports zero rather than inventing a count.
     usage = {"prompt_tokens": 0, "total_tokens": 0}
     return JSONResponse({"object": "list", "model": model, "data": data, "usage": usage})
+
+
+async def _predict(service: InferenceService, data: bytes, index: int, deadline: float) -> Outcome:
+    try:
+        return await service.predict(data, ENDPOINT, deadline)
+    except ImageError as exc:  # say which input was bad; the status stays errors.py's
+        error = to_api_error(exc)
+        raise ParamError(f"input[{index}]", f"input[{index}]: {error.message}", error.status,
+                         error.code) from exc  # fmt: skip
 
 
 def parse_inputs(value: Any, max_images: int) -> list[bytes]:
