@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.errors import ApiError, NotReady
+from service.errors import ApiError, NotReady, to_api_error
+from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
 from service.postprocess import top_k
 from service.responses import JSONResponse
@@ -98,7 +99,7 @@ async def kserve_infer(
     if parsed.images is not None:
         _check_count(service, len(parsed.images))
         outcomes = await all_or_nothing(
-            [service.predict(data, "kserve_infer", deadline) for data in parsed.images]
+            [_predict(service, data, index, deadline) for index, data in enumerate(parsed.images)]
         )
     else:
         assert parsed.pixels is not None
@@ -120,6 +121,15 @@ async def kserve_infer(
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
     )
+
+
+async def _predict(service: InferenceService, data: bytes, index: int, deadline: float) -> Outcome:
+    try:
+        return await service.predict(data, "kserve_infer", deadline)
+    except ImageError as exc:  # say which element was bad; the status stays errors.py's
+        error = to_api_error(exc)
+        message = f"{codec.BYTES_INPUT}[{index}]: {error.message}"
+        raise ApiError(error.status, error.code, message) from exc
 
 
 def _card(service: InferenceService, name: str, version: str) -> ModelCard:

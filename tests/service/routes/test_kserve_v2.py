@@ -132,7 +132,8 @@ def test_errors_reach_tritonclient_with_status_and_message(
     corrupt.set_data_from_numpy(np.array([make_image(1), b"\xff\xd8\xffnot a jpeg"], np.object_))
     with pytest.raises(InferenceServerException) as bad:
         client.infer("hiera_micro", [corrupt])
-    assert bad.value.status() == "400" and "JPEG" in bad.value.message()
+    assert bad.value.status() == "400" and bad.value.message().startswith("image_bytes[1]: ")
+    assert "JPEG" in bad.value.message()
     wrong = triton.InferInput("images", [1, 3, 32, 32], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(InferenceServerException) as shape:

@@ -47,9 +47,10 @@ def test_openai_client_base64_default_and_float(server: str, micro_model: BuiltM
     for data, a, b in zip(images, packed.data, floats.data, strict=True):
         _, want = reference(micro_model, data)
         np.testing.assert_allclose(a.embedding, _unit(want), rtol=0, atol=1e-5)
-        np.testing.assert_allclose(a.embedding, b.embedding, rtol=0, atol=1e-7)
+        # Requests may land in batches of other sizes: ORT's sums differ in the last bits.
+        np.testing.assert_allclose(a.embedding, b.embedding, rtol=0, atol=1e-5)
     single = client.embeddings.create(model="m", input=inputs[0], dimensions=128)
-    np.testing.assert_allclose(single.data[0].embedding, packed.data[0].embedding, atol=1e-7)
+    np.testing.assert_allclose(single.data[0].embedding, packed.data[0].embedding, atol=1e-5)
 
 
 def test_openai_client_sees_openai_shaped_errors(server: str) -> None:
@@ -91,7 +92,7 @@ def test_langchain_embeddings(server: str, micro_model: BuiltModel) -> None:
     for data, got in zip(images, documents, strict=True):
         _, want = reference(micro_model, data)
         np.testing.assert_allclose(got, _unit(want), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(query, documents[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(query, documents[0], rtol=0, atol=1e-5)
 
 
 async def test_every_input_form_embeds_the_same_image(
