@@ -18,7 +18,8 @@ from tritonclient.utils import InferenceServerException
 from model.hiera import BuiltModel
 from tests.service.helpers import live_server, make_image, reference, serving
 
-pytestmark = pytest.mark.slow  # a real server process per module, and real clients
+# Tests marked slow share one real server process per module and drive it with real clients;
+# the rest go through the ASGI transport.
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def _expected_classes(logits: np.ndarray, labels: list[str], k: int) -> list[tup
     return [(int(i), labels[i]) for i in np.argsort(-logits, kind="stable")[:k]]
 
 
+@pytest.mark.slow
 def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("hiera_micro")
@@ -72,6 +74,7 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     assert unknown.value.status() == "404" and "serves 'hiera_micro'" in unknown.value.message()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_encoded_images_with_classification(
     client: triton.InferenceServerClient,
@@ -105,6 +108,7 @@ def test_encoded_images_with_classification(
             assert float(score) == pytest.approx(probabilities[int(index)], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_preprocessed_pixels(
     client: triton.InferenceServerClient, micro_model: BuiltModel, binary: bool
@@ -125,6 +129,7 @@ def test_preprocessed_pixels(
     np.testing.assert_allclose(result.as_numpy("logits"), logits.numpy(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_errors_reach_tritonclient_with_status_and_message(
     client: triton.InferenceServerClient,
 ) -> None:

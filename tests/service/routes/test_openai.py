@@ -16,7 +16,8 @@ from langchain_openai import OpenAIEmbeddings
 from model.hiera import BuiltModel
 from tests.service.helpers import live_server, make_image, reference, serving
 
-pytestmark = pytest.mark.slow  # a real server process per module, and real clients
+# Tests marked slow share one real server process per module and drive it with real clients;
+# the rest go through the ASGI transport.
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector.astype(np.float64))
 
 
+@pytest.mark.slow
 def test_openai_client_base64_default_and_float(server: str, micro_model: BuiltModel) -> None:
     images = [make_image(s, fmt="PNG" if s % 2 else "JPEG") for s in range(3)]
     inputs = [_data_uri(d, "png" if s % 2 else "jpeg") for s, d in enumerate(images)]
@@ -53,6 +55,7 @@ def test_openai_client_base64_default_and_float(server: str, micro_model: BuiltM
     np.testing.assert_allclose(single.data[0].embedding, packed.data[0].embedding, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_openai_client_sees_openai_shaped_errors(server: str) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as url:
@@ -81,6 +84,7 @@ def test_openai_client_sees_openai_shaped_errors(server: str) -> None:
     assert text.value.body["code"] == "unsupported_format"  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_langchain_embeddings(server: str, micro_model: BuiltModel) -> None:
     images = [make_image(10 + s) for s in range(3)]
     embedder = OpenAIEmbeddings(
