@@ -12,6 +12,7 @@ import base64
 import binascii
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,32 @@ class OutputTensor:
     shape: list[int]
     values: np.ndarray | list[bytes]  # FP32 array, or BYTES elements
     binary: bool
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a gzip or deflate Content-Encoding (tritonclient can send either), up to `limit`."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
+        )  # fmt: skip
+    # gzip has its own header; HTTP's "deflate" means the zlib format.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        # Bounded: a few KB of zeros must not inflate into gigabytes.
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise bad_request(f"the body is not valid {encoding} data") from None
+    if len(out) > limit:
+        raise ApiError(
+            413, "body_too_large", f"request body exceeds {limit} bytes once decompressed"
+        )
+    if not inflater.eof:
+        raise bad_request(f"the {encoding} body is truncated")
+    return out
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -94,7 +95,12 @@ async def kserve_infer(
     deadline = time.monotonic() + service.settings.request_timeout_s
     card = _card(service, name, version)
     # tritonclient sends no Content-Type: read the raw body whatever it is declared as.
-    parsed = codec.parse_request(await request.body(), request.headers.get(codec.HEADER_LENGTH))
+    body = await request.body()
+    encoding = request.headers.get("content-encoding")
+    if encoding:
+        limit = service.settings.max_body_bytes
+        body = await asyncio.to_thread(codec.decompress, body, encoding, limit)
+    parsed = codec.parse_request(body, request.headers.get(codec.HEADER_LENGTH))
     _check_classification(service, parsed.outputs)
     if parsed.images is not None:
         _check_count(service, len(parsed.images))
@@ -110,14 +116,14 @@ async def kserve_infer(
     head: dict[str, Any] = {"model_name": card.name, "model_version": MODEL_VERSION}
     if parsed.id is not None:
         head["id"] = parsed.id
-    body, header_length = codec.encode_response(head, outputs)
+    content, header_length = codec.encode_response(head, outputs)
     service.metrics.stage_duration.labels("kserve_infer", "postprocess").observe(
         time.perf_counter() - started
     )
     if header_length is None:
-        return Response(body, media_type="application/json")
+        return Response(content, media_type="application/json")
     return Response(
-        body,
+        content,
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
     )

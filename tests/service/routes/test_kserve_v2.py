@@ -4,6 +4,7 @@ the protocol's edge cases through the ASGI transport."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
 from collections.abc import Iterator
@@ -149,6 +150,22 @@ def test_errors_reach_tritonclient_with_status_and_message(
     assert missing.value.status() == "404"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(
+    client: triton.InferenceServerClient, micro_model: BuiltModel, algorithm: str
+) -> None:
+    data = make_image(8)
+    tensor = triton.InferInput("image_bytes", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    result = client.infer(
+        "hiera_micro", [tensor], request_compression_algorithm=algorithm,
+        outputs=[triton.InferRequestedOutput("embedding")],
+    )  # fmt: skip
+    _, want = reference(micro_model, data)
+    np.testing.assert_allclose(result.as_numpy("embedding")[0], want, rtol=0, atol=1e-4)
+
+
 def _binary_request(header: dict[str, object], blob: bytes) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(header).encode()
     return head + blob, {"Inference-Header-Content-Length": str(len(head))}
@@ -237,6 +254,22 @@ async def test_bad_requests_get_protocol_errors(
     assert list(error) == ["error"] and isinstance(error["error"], str)
     assert needle in error["error"], error
     assert after.status_code == 200  # the server is unharmed
+
+
+async def test_compression_is_bounded_and_checked(micro_repository: Path) -> None:
+    bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")  # ~100 KB inflated from a few hundred
+    assert len(bomb) < 4096
+    url = "/v2/models/hiera_micro/infer"
+    async with serving(micro_repository, max_body_bytes=4096) as http:
+        inflated = await http.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+        brotli = await http.post(url, content=b"x", headers={"Content-Encoding": "br"})
+        broken = await http.post(url, content=b"not gzip", headers={"Content-Encoding": "gzip"})
+        cut = await http.post(url, content=gzip.compress(b'{"inputs": []}')[:-12],
+                              headers={"Content-Encoding": "gzip"})  # fmt: skip
+    assert inflated.status_code == 413 and "once decompressed" in inflated.json()["error"]
+    assert brotli.status_code == 415 and "'br' is not supported" in brotli.json()["error"]
+    assert broken.status_code == 400 and "not valid gzip" in broken.json()["error"]
+    assert cut.status_code == 400 and "truncated" in cut.json()["error"]
 
 
 async def test_body_limit_and_invalid_json_use_the_protocol_shape(micro_repository: Path) -> None:
