@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     parser.add_argument("--list-variants", action="store_true", help="print the catalogue")
+    parser.add_argument(
+        "--triton",
+        nargs="?",
+        const="onnx",
+        choices=("onnx", "torchscript"),
+        help="also make the folder a Triton Inference Server model: config.pbtxt, 1/model.onnx "
+        "(or 1/model.pt with 'torchscript') and labels.txt",
+    )
+    parser.add_argument(
+        "--triton-max-batch-size", type=int, default=8, help="Triton max_batch_size (default 8)"
+    )
     return parser
 
 
@@ -56,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formats = parse_formats(args.formats)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
+        return 2
+    if args.triton and args.triton not in formats:
+        console.print(f"[red]error:[/] --triton {args.triton} needs {args.triton} in --formats")
         return 2
 
     from model.hiera import WeightsUnavailable, build
@@ -78,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 on_step=on_step,
             )
+        if args.triton:
+            from model.triton import PLATFORMS, write_triton_layout
+
+            platform = PLATFORMS[args.triton]
+            config = write_triton_layout(
+                target, platform=platform, max_batch_size=args.triton_max_batch_size
+            )
+            console.log(f"wrote Triton model {config.parent} ({platform})")
     except (ExportError, WeightsUnavailable, ValueError) as exc:
         console.print(f"[red]export failed:[/] {exc}")
         return 1

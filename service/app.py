@@ -17,7 +17,7 @@ from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.responses import JSONResponse
-from service.routes import health, native
+from service.routes import health, kserve_v2, native, openai
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     install_handlers(app)
     app.include_router(native.router)
     app.include_router(health.router)
+    app.include_router(kserve_v2.router)
+    app.include_router(openai.router)
     return app
 
 

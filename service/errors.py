@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,12 +82,16 @@ def error_body(error: ApiError) -> dict[str, Any]:
     }
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """Build the JSON error response for `exc`, logging server-side failures in full."""
+ErrorBody = Callable[[ApiError], Any]
+
+
+def error_response(exc: BaseException, body: ErrorBody | None = None) -> JSONResponse:
+    """Answer `exc` in the native error shape (or `body`'s), logging server failures in full."""
     error = to_api_error(exc)
     if error.status >= 500 and not isinstance(exc, ApiError):
         log.error("request failed: %s", error.code, exc_info=exc)
-    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+    content = (body or error_body)(error)
+    return JSONResponse(content, status_code=error.status, headers=error.headers)
 
 
 def install_handlers(app: FastAPI) -> None:

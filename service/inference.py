@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import numpy as np
+
 from model.artifacts import RepositoryError
 from model.checkpoints import CheckpointError
 from model.export import ExportError
@@ -18,7 +20,7 @@ from model.variants import UnknownVariant
 from service import imaging
 from service.batching import BatchResult, DynamicBatcher
 from service.decode_batcher import DecodeBatcher
-from service.errors import NotReady
+from service.errors import ApiError, NotReady
 from service.imaging.device import DEVICE_FORMATS
 from service.metrics import BatcherMetrics, Metrics
 from service.runtime.base import BackendError
@@ -200,6 +202,37 @@ class InferenceService:
             prepared.width,
             prepared.height,
         )
+
+    async def predict_pixels(
+        self, pixels: np.ndarray, endpoint: str, deadline: float
+    ) -> list[Outcome]:
+        """Batch and run already-preprocessed float32 `[B, 3, H, W]` pixels, all or none."""
+        if not self.ready or self.batcher is None or self.card is None:
+            raise NotReady(self.reason)
+        height, width = self.card.preprocessing.input_size
+        if pixels.dtype != np.float32 or pixels.ndim != 4 or pixels.shape[1:] != (3, height, width):
+            raise ApiError(
+                400, "invalid_tensor",
+                f"pixels must be float32 [B, 3, {height}, {width}] (resized, cropped and "
+                f"normalised like /v1/models' preprocessing), got {pixels.dtype} "
+                f"{list(pixels.shape)}",
+            )  # fmt: skip
+        if not np.isfinite(pixels).all():
+            raise ApiError(400, "invalid_tensor", "pixels contain NaN or infinite values")
+        batcher, stage = self.batcher, self.metrics.stage
+
+        async def one(item: np.ndarray) -> Outcome:
+            result = await batcher.submit(np.ascontiguousarray(item), deadline=deadline)
+            stage(endpoint, "queue").observe(result.queue_seconds)
+            stage(endpoint, "inference").observe(result.infer_seconds)
+            return Outcome(result, 0.0, 0.0, width, height)
+
+        tasks = [asyncio.ensure_future(one(item)) for item in pixels]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # after a failure, the others must not keep their queue slots
+                task.cancel()
 
     async def _prepare(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
         """Check the header on the CPU, then decode JPEGs on the device and the rest here."""

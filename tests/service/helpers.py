@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Callable
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +93,39 @@ async def wait_until(condition: Callable[[], bool], within_s: float = 10.0) -> N
     async with asyncio.timeout(within_s):
         while not condition():  # noqa: ASYNC110 - the code under test exposes no event for this
             await asyncio.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def live_server(repository: Path, log: Path, *args: str) -> Iterator[str]:
+    """Run a real `hiera-serve` on 127.0.0.1:<free port>, yield its URL once it is ready."""
+    port = free_port()
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable, "-m", "service.cli", "--model-repository", str(repository),
+        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+        "--intra-op-threads", "1", *args,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:  # a real process: poll readiness as an orchestrator would
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready in 90 s:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
