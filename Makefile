@@ -66,6 +66,11 @@ lint-deploy: $(DEPLOY_STAMP)
 	done
 	$(PY) -m pytest -q -p no:cacheprovider tests/deploy/test_grafana_dashboard.py
 
+# Build docker/Dockerfile.cpu with podman (no registry: a debootstrap base), run it, query it.
+# Minutes and gigabytes: not part of .ci/run.
+container-smoke:
+	bash docker/container-smoke.sh
+
 export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_NVML = Path(__file__).resolve().parent / "fake_nvml"
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "hiera-serve.json"
 
 # The sample names each metric type exposes (prometheus_client's text format).
 SUFFIXES = {
@@ -131,3 +134,29 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
             )
         previous_bound, previous_count = bound, count
     return previous_bound
+
+
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows."""
+    found = []
+    for panel in dashboard["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, expression, legend) for every target and template-variable query."""
+    found = [
+        (panel["title"], target["expr"], target.get("legendFormat", ""))
+        for panel in panels(dashboard)
+        for target in panel.get("targets", [])
+    ]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            found.append((f"${variable['name']}", variable["definition"], ""))
+    return found

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.deploy.helpers import ROOT, Scrape, parse_scrape
+from tests.deploy.helpers import ROOT, Scrape, load_dashboard, panels, parse_scrape, queries
 
-DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "hiera-serve.json"
 PROVISIONING = ROOT / "docker" / "grafana" / "provisioning"
 
 # Labels Prometheus attaches to every scraped series itself.
@@ -38,32 +35,6 @@ SELECTOR = re.compile(r"\{([^{}]*)\}")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
-
-
-def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every panel, including those nested in collapsed rows."""
-    found = []
-    for panel in dashboard["panels"]:
-        found.append(panel)
-        found.extend(panel.get("panels", []))
-    return found
-
-
-def queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(panel title, expression, legend) for every target and template-variable query."""
-    found = [
-        (panel["title"], target["expr"], target.get("legendFormat", ""))
-        for panel in panels(dashboard)
-        for target in panel.get("targets", [])
-    ]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            found.append((f"${variable['name']}", variable["definition"], ""))
-    return found
 
 
 def label_names(expr: str) -> set[str]:

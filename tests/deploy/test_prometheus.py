@@ -17,10 +17,11 @@ from tests.deploy.helpers import (
     bucket_counts,
     free_port,
     histogram_quantile,
+    load_dashboard,
     parse_scrape,
+    queries,
     require_binary,
 )
-from tests.deploy.test_grafana_dashboard import load_dashboard, queries
 from tests.service.helpers import make_image
 
 pytestmark = pytest.mark.slow
