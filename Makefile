@@ -65,6 +65,10 @@ lint-deploy: $(DEPLOY_STAMP)
 			echo "lint-deploy: $$dir: a resource was not validated" >&2; exit 1; fi; \
 	done
 	$(PY) -m pytest -q -p no:cacheprovider tests/deploy/test_grafana_dashboard.py
+	# The GPU pins must resolve together, on one CUDA major (metadata only; nothing installed).
+	$(PY) -m pip install --dry-run --ignore-installed --quiet --disable-pip-version-check \
+		--report $(VENV)/.gpu-resolve.json -c constraints-gpu.txt '.[gpu]'
+	$(PY) deploy/check_gpu_pins.py $(VENV)/.gpu-resolve.json constraints-gpu.txt
 
 # Build docker/Dockerfile.cpu with podman (no registry: a debootstrap base), run it, query it.
 # Minutes and gigabytes: not part of .ci/run.
