@@ -46,6 +46,14 @@ if ! podman image exists "$BASE_IMAGE"; then
     rm -rf "$rootfs"
 fi
 
+# The image holds a ~5 GB virtualenv (CUDA torch from PyPI); committing a layer briefly needs
+# twice that. Refuse to start rather than fill a shared disk.
+free_gb=$(df --output=avail -BG /var/lib/containers /var/tmp | tail -n +2 | tr -dc '0-9\n' | sort -n | head -1)
+if [ "${free_gb:-0}" -lt 30 ]; then
+    echo "container-smoke: only ${free_gb} GB free under /var/lib/containers or /var/tmp; need 30" >&2
+    exit 1
+fi
+
 # Builds here go through a TLS-inspecting proxy: lend the build the host's CA bundle and pip
 # config at build time only (volumes, never layers).
 build_mounts=()
@@ -53,17 +61,23 @@ for file in /etc/ssl/certs/ca-certificates.crt /etc/pip.conf; do
     [ -f "$file" ] && build_mounts+=(-v "$file:$file:ro")
 done
 say "podman build -f docker/Dockerfile.cpu -t $IMAGE"
-"${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" "${build_mounts[@]}" \
+# --layers=false keeps no intermediate stage images (gigabytes each); every run builds afresh.
+"${PODMAN[@]}" build --format docker --layers=false --network host "${ULIMITS[@]}" "${build_mounts[@]}" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
     -f docker/Dockerfile.cpu -t "$IMAGE" . >"${SMOKE_LOG:-/tmp/container-smoke-build.log}" 2>&1 ||
     { tail -40 "${SMOKE_LOG:-/tmp/container-smoke-build.log}"; exit 1; }
 say "built: $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec) $IMAGE"
 
-cleanup() { "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true; }
+cleanup() {
+    "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true
+    # KEEP_IMAGE=1 keeps the 6 GB image for a closer look.
+    [ "${KEEP_IMAGE:-0}" = 1 ] || podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 # Host network, bound to loopback only: nothing outside this machine can reach it.
-"${PODMAN[@]}" run -d --name "$NAME" --network host "${ULIMITS[@]}" "$IMAGE" \
-    --host 127.0.0.1 --port "$PORT" --intra-op-threads 1 >/dev/null
+# The port goes in HIERA_PORT, which the image's HEALTHCHECK reads too.
+"${PODMAN[@]}" run -d --name "$NAME" --network host "${ULIMITS[@]}" -e HIERA_PORT="$PORT" \
+    "$IMAGE" --host 127.0.0.1 --intra-op-threads 1 >/dev/null
 say "started $NAME; waiting for /health/ready"
 for _ in $(seq 300); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health/ready")" = 200 ] && break
@@ -84,9 +98,12 @@ status=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$PORT/
 say "classify answered 200 with 3 labels; a non-image got 415"
 
 # The image's own exec-form HEALTHCHECK, run inside the container as the non-root user.
-"${PODMAN[@]}" healthcheck run "$NAME" && say "HEALTHCHECK passed inside the container"
+# (podman warns that it cannot schedule periodic checks without systemd; this runs one now.)
+health=$("${PODMAN[@]}" healthcheck run "$NAME" 2>/dev/null) || { echo "HEALTHCHECK: $health" >&2; exit 1; }
+say "HEALTHCHECK passed inside the container"
 user=$("${PODMAN[@]}" exec "$NAME" id -u)
 [ "$user" = 10001 ] || { echo "runs as uid $user, not 10001" >&2; exit 1; }
+say "runs as uid $user"
 
 "${PODMAN[@]}" stop -t 40 "$NAME" >/dev/null
 code=$(podman inspect -f '{{.State.ExitCode}}' "$NAME")
