@@ -47,7 +47,7 @@ $(DEPLOY_STAMP): $(STAMP) deploy/check-requirements.txt
 
 lint-deploy: $(DEPLOY_STAMP)
 	@command -v promtool >/dev/null || { echo "lint-deploy: promtool missing: apt-get install --no-install-recommends prometheus" >&2; exit 1; }
-	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
+	$(VENV)/bin/hadolint docker/Dockerfile*
 	$(COMPOSE) -f docker-compose.yml config --quiet
 	$(COMPOSE) -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
 	$(COMPOSE) -f docker-compose.yml --profile retrieval config --quiet
