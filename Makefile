@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install test test-fast lint export run bench gpu-check clean
+.PHONY: install test test-fast lint lint-deploy container-smoke export run bench gpu-check clean
 
 $(STAMP): pyproject.toml $(wildcard constraints*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,49 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Deployment files, checked by real tools: hadolint, Docker Compose v2, promtool, yamllint,
+# kubectl kustomize + kubernetes-validate, and the Grafana dashboard against a live /metrics.
+# A missing tool fails the target (promtool: `apt-get install --no-install-recommends prometheus`).
+DEPLOY_STAMP := $(VENV)/.deploy-check-installed
+K8S_VERSION ?= 1.30.0
+# Custom resources kubernetes-validate has no schema for; any other unknown kind fails.
+K8S_CRDS := ServiceMonitor|ServingRuntime|InferenceService
+COMPOSE = $(shell $(PY) -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
+
+$(DEPLOY_STAMP): $(STAMP) deploy/check-requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r deploy/check-requirements.txt
+	touch $@
+
+lint-deploy: $(DEPLOY_STAMP)
+	@command -v promtool >/dev/null || { echo "lint-deploy: promtool missing: apt-get install --no-install-recommends prometheus" >&2; exit 1; }
+	$(VENV)/bin/hadolint docker/Dockerfile*
+	$(COMPOSE) -f docker-compose.yml config --quiet
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
+	$(COMPOSE) -f docker-compose.yml --profile retrieval config --quiet
+	promtool check config docker/prometheus/prometheus.yml
+	promtool check rules docker/prometheus/rules/*.yml
+	promtool test rules docker/prometheus/tests/*.test.yml
+	$(VENV)/bin/yamllint --strict docker-compose.yml docker-compose.cpu.yml docker/ deploy/
+	@set -e; for dir in deploy/base deploy/overlays/* deploy/kserve; do \
+		echo "kubectl kustomize $$dir | kubernetes-validate --strict -k $(K8S_VERSION)"; \
+		$(VENV)/bin/kubectl kustomize $$dir > $(VENV)/.kustomized.yaml; \
+		$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) $(VENV)/.kustomized.yaml \
+			> $(VENV)/.validated.log 2>&1 || { cat $(VENV)/.validated.log; exit 1; }; \
+		cat $(VENV)/.validated.log; \
+		if grep -v -E "for kind ($(K8S_CRDS)) with" $(VENV)/.validated.log | grep -q .; then \
+			echo "lint-deploy: $$dir: a resource was not validated" >&2; exit 1; fi; \
+	done
+	$(PY) -m pytest -q -p no:cacheprovider tests/deploy/test_grafana_dashboard.py
+	# The GPU pins must resolve together, on one CUDA major (metadata only; nothing installed).
+	$(PY) -m pip install --dry-run --ignore-installed --quiet --disable-pip-version-check \
+		--report $(VENV)/.gpu-resolve.json -c constraints-gpu.txt '.[gpu]'
+	$(PY) deploy/check_gpu_pins.py $(VENV)/.gpu-resolve.json constraints-gpu.txt
+
+# Build docker/Dockerfile.cpu with podman (no registry: a debootstrap base), run it, query it.
+# Minutes and gigabytes: not part of .ci/run.
+container-smoke:
+	bash docker/container-smoke.sh
 
 export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
