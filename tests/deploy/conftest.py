@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy.helpers import free_port, start_server, wait_ready
-from tests.service.helpers import make_image
+from tests.deploy.helpers import start_server, wait_ready
+from tests.service.helpers import free_port, make_image
 
 
 @pytest.fixture(scope="session")

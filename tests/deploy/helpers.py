@@ -6,18 +6,17 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.helpers import wait_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_NVML = Path(__file__).resolve().parent / "fake_nvml"
@@ -31,12 +30,6 @@ SUFFIXES = {
     "summary": ("", "_count", "_sum", "_created"),
     "info": ("_info",),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_binary(name: str, package: str) -> str:
@@ -70,16 +63,7 @@ def start_server(repository: Path, port: int, log: Path) -> subprocess.Popen[byt
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, within_s: float) -> None:
     """Poll /health/ready as an orchestrator would, failing with the log if it never comes."""
-    deadline = time.monotonic() + within_s
-    while True:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"not ready in {within_s} s:\n{log.read_text()}"
-        time.sleep(0.2)
+    wait_ok(f"{url}/health/ready", process, log, within_s)
 
 
 @dataclass

@@ -15,14 +15,13 @@ import yaml
 from tests.deploy.helpers import (
     ROOT,
     bucket_counts,
-    free_port,
     histogram_quantile,
     load_dashboard,
     parse_scrape,
     queries,
     require_binary,
 )
-from tests.service.helpers import make_image
+from tests.service.helpers import free_port, make_image, wait_ok
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +79,7 @@ def prometheus(live_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"Prometheus not ready:\n{log.read_text()}"
-            time.sleep(0.1)
+        wait_ok(f"{server.url}/-/ready", process, log, within_s=30, poll_s=0.1)
         server.wait_for("the target up", lambda: server.query('up{job="hiera-serve"} == 1') != [])
         yield server
     finally:

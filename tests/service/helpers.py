@@ -101,6 +101,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_ok(
+    url: str, process: subprocess.Popen[bytes], log: Path, within_s: float, poll_s: float = 0.2
+) -> None:
+    """Poll `url` until it answers 200, as an orchestrator would; fail with the process's log."""
+    deadline = time.monotonic() + within_s
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not 200 in {within_s} s:\n{log.read_text()}"
+        time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def live_server(repository: Path, log: Path, *args: str) -> Iterator[str]:
     """Run a real `hiera-serve` on 127.0.0.1:<free port>, yield its URL once it is ready."""
@@ -113,17 +129,8 @@ def live_server(repository: Path, log: Path, *args: str) -> Iterator[str]:
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:  # a real process: poll readiness as an orchestrator would
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 90 s:\n{log.read_text()}"
-            time.sleep(0.2)
+        wait_ok(f"{url}/health/ready", process, log, within_s=90)
         yield url
     finally:
         if process.poll() is None:

@@ -6,10 +6,8 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,17 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.hiera import BuiltModel
-from tests.service.helpers import make_image, reference
+from tests.service.helpers import free_port, make_image, reference, wait_ok
 
 pytestmark = pytest.mark.slow
 
 Server = tuple[str, subprocess.Popen[bytes], Path]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -40,24 +32,15 @@ def _serve(*args: str, log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 def server(micro_repository: Path, tmp_path: Path) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     process = _serve(
         "--model-repository", str(micro_repository), "--port", str(port), "--device", "cpu",
         "--max-batch-size", "4", "--max-delay-ms", "50", "--intra-op-threads", "1", log=log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:  # a real process: poll readiness as an orchestrator would
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 90 s:\n{log.read_text()}"
-            time.sleep(0.2)
+        wait_ok(f"{url}/health/ready", process, log, within_s=90)
         yield url, process, log
     finally:
         if process.poll() is None:
@@ -132,7 +115,7 @@ def test_server_exits_nonzero_when_the_model_cannot_load(tmp_path: Path) -> None
     empty = tmp_path / "empty"
     empty.mkdir()
     log = tmp_path / "server.log"
-    process = _serve("--model-repository", str(empty), "--port", str(_free_port()), log=log)
+    process = _serve("--model-repository", str(empty), "--port", str(free_port()), log=log)
     try:
         assert process.wait(timeout=60) == 1
     finally:

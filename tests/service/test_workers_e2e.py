@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,12 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.helpers import make_image
+from tests.service.helpers import free_port, make_image
 
 pytestmark = pytest.mark.slow
 
 Server = tuple[str, subprocess.Popen[bytes], Path]
 CLASSIFY_200 = (("endpoint", "classify"), ("status", "200"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -85,7 +78,7 @@ def _classified_by_pid(metrics_dir: Path) -> dict[int, float]:
 
 @pytest.fixture
 def two_workers(micro_repository: Path, tmp_path: Path) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     process = _serve(
         "--model-repository", str(micro_repository), "--port", str(port), "--device", "cpu",
@@ -188,7 +181,7 @@ def test_supervisor_exits_1_when_a_worker_cannot_load(tmp_path: Path) -> None:
     empty.mkdir()
     log = tmp_path / "server.log"
     process = _serve(
-        "--model-repository", str(empty), "--port", str(_free_port()), "--device", "cpu",
+        "--model-repository", str(empty), "--port", str(free_port()), "--device", "cpu",
         "--workers", "2", log=log,
     )  # fmt: skip
     try:
