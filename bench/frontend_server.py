@@ -80,22 +80,14 @@ def main() -> None:
     from model.labels import class_names
     from model.variants import get_variant
     from service.app import create_app
-    from service.imaging import Preprocessing
-    from service.runtime.loader import LoadPlan, ModelCard
+    from service.runtime.loader import LoadPlan, ModelCard, preprocessing_of
     from service.settings import Settings
 
     variant = get_variant(args.variant)
     card = ModelCard(
         name=f"{variant.name}-sleep",
         variant=variant.name,
-        preprocessing=Preprocessing(
-            input_size=variant.input_size,
-            mean=variant.mean,
-            std=variant.std,
-            interpolation=variant.interpolation,
-            crop_pct=variant.crop_pct,
-            crop_mode=variant.crop_mode,
-        ),
+        preprocessing=preprocessing_of(variant),
         embed_dim=variant.embed_dim,
         num_classes=variant.num_classes,
         labels=class_names(variant)[0],

@@ -216,7 +216,7 @@ def _card_from_manifest(repo: ModelRepository) -> ModelCard:
     return ModelCard(
         name=m.name,
         variant=m.variant.name,
-        preprocessing=_preprocessing(m.preprocessing),
+        preprocessing=preprocessing_of(m.preprocessing),
         embed_dim=m.embed_dim,
         num_classes=m.num_classes,
         labels=repo.labels,
@@ -234,7 +234,7 @@ def _card_from_built(built: BuiltModel) -> ModelCard:
     return ModelCard(
         name=v.name,
         variant=v.name,
-        preprocessing=_preprocessing(v),
+        preprocessing=preprocessing_of(v),
         embed_dim=v.embed_dim,
         num_classes=v.num_classes,
         labels=names,
@@ -246,7 +246,7 @@ def _card_from_built(built: BuiltModel) -> ModelCard:
     )
 
 
-def _preprocessing(source: Variant | ManifestPreprocessing) -> Preprocessing:
+def preprocessing_of(source: Variant | ManifestPreprocessing) -> Preprocessing:
     """Copy the eval-transform fields, which a Variant and a manifest name alike."""
     return Preprocessing(
         input_size=source.input_size,
