@@ -5,7 +5,9 @@ that the runtime normalises; numpy arrays or torch tensors) and awaits an ``infe
 (the runtime pool) that returns ``(logits [B, C], embedding [B, D])``. By default a batch is
 the items stacked into one ``[B, 3, H, W]`` numpy array; ``collate=list`` hands the runtime the
 items themselves, so it can assemble them on its own device. Up to ``concurrency`` batches are
-in flight at once, one per instance.
+in flight at once, one per instance. A batch is dispatched at once when no batch is running
+(every instance idle); the ``max_delay_ms`` window applies only while others are busy, unless
+``wait_when_idle`` asks for it always.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class DynamicBatcher:
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         collate: CollateFn = np.stack,
+        wait_when_idle: bool = False,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -159,6 +162,9 @@ class DynamicBatcher:
         self._collate = collate
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay_ms / 1000.0
+        # By default the delay window only applies while another batch is running: with every
+        # instance idle, waiting for company costs the first caller latency and buys nothing.
+        self._wait_when_idle = wait_when_idle
         self._max_queue_size = max_queue_size
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         self._on_error = on_error
@@ -172,6 +178,7 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._shape: tuple[int, ...] | None = None
         self._in_flight = 0
+        self._running_batches = 0  # counted at dispatch, before the batch's task first runs
         self._closing = False
         self._failed: BaseException | None = None
 
@@ -289,6 +296,7 @@ class DynamicBatcher:
                 if batch is None:
                     self._slots.release()
                     return
+                self._running_batches += 1
                 task = asyncio.create_task(self._run_batch(batch, self._clock()))
                 self._batches[task] = batch  # strong reference until the batch finishes
                 task.add_done_callback(self._batch_finished)
@@ -306,7 +314,8 @@ class DynamicBatcher:
                     return None
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < self._max_batch_size and not self._closing:
+            idle = self._running_batches == 0 and not self._wait_when_idle
+            if len(self._queue) < self._max_batch_size and not self._closing and not idle:
                 # Measured from the first item's enqueue time, so time spent waiting for a
                 # free instance counts toward the delay bound.
                 due_in = self._queue[0].enqueued_at + self._max_delay - self._clock()
@@ -373,6 +382,7 @@ class DynamicBatcher:
             self._observe(self._observer.batch_done, size, elapsed, True)
         finally:
             self._in_flight -= size
+            self._running_batches -= 1
             self._slots.release()
             # No-op unless infer was cancelled or raised a BaseException: never strand a caller.
             for p in batch:

@@ -119,6 +119,7 @@ class InferenceService:
                 concurrency=self.pool.size,
                 observer=BatcherMetrics(self.metrics),
                 on_error=self.fail,
+                wait_when_idle=self.settings.batch_wait_when_idle,
             )
             await self.batcher.start()
         except Exception as exc:
@@ -226,7 +227,7 @@ class InferenceService:
         decoded = imaging.decode_image(
             data,
             max_pixels=self.settings.max_image_pixels,
-            draft_size=imaging.draft_size(pp),
+            draft_size=imaging.draft_size(pp) if self.settings.jpeg_draft else None,
         )
         decoded_at = time.perf_counter()
         pixels = imaging.crop(decoded.image, pp)
