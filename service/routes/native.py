@@ -139,6 +139,8 @@ async def models(service: ServiceDep) -> JSONResponse:
                 "license": card.weights_license,
             },
             "repository": card.repository,
+            "artifact": card.artifact,
+            "agreement": card.agreement,
         }
     return JSONResponse({"models": [entry]})
 
