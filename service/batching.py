@@ -179,6 +179,9 @@ class DynamicBatcher:
         self._shape: tuple[int, ...] | None = None
         self._in_flight = 0
         self._running_batches = 0  # counted at dispatch, before the batch's task first runs
+        # Smoothed duration of a batch: an item that cannot finish before its deadline is not
+        # sent to the model, whose time then goes to requests that can still be answered.
+        self._batch_seconds = 0.0
         self._closing = False
         self._failed: BaseException | None = None
 
@@ -330,14 +333,22 @@ class DynamicBatcher:
 
     def _pop_batch(self) -> list[_Pending]:
         now = self._clock()
+        finish = now + self._batch_seconds
         batch: list[_Pending] = []
         while self._queue and len(batch) < self._max_batch_size:
             p = self._queue.popleft()
             if p.future.done():
                 continue  # the caller left; submit() already reported the drop
-            if p.deadline is not None and p.deadline <= now:
+            if p.deadline is not None and (p.deadline <= now or p.deadline < finish):
                 p.dropped = True
-                p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                p.future.set_exception(
+                    DeadlineExceeded(
+                        "deadline passed while queued"
+                        if p.deadline <= now
+                        else f"deadline would pass before the model finishes (a batch takes "
+                        f"about {1e3 * self._batch_seconds:.0f} ms)"
+                    )
+                )
                 self._observe(self._observer.dropped, "deadline")
                 continue
             p.dispatched = True
@@ -365,6 +376,10 @@ class DynamicBatcher:
                 self._observe(self._observer.batch_done, size, elapsed, False)
                 return
             elapsed = self._clock() - started
+            # Exponential average: follows load changes within a few batches.
+            self._batch_seconds = (
+                elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
+            )
             outputs = BatchOutputs(logits, embedding)
             for i, p in enumerate(batch):
                 if not p.future.done():  # a caller that left (cancel, deadline) gets nothing

@@ -487,6 +487,31 @@ async def test_expired_item_is_resolved_at_batch_formation_and_never_inferred() 
     await batcher.close()
 
 
+async def test_item_that_cannot_finish_in_time_is_not_sent_to_the_model() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    obs = RecordingObserver()
+    batcher, _ = make(model, obs, max_batch_size=4, max_delay_ms=0, clock=clock)
+    await batcher.start()
+    busy = asyncio.create_task(batcher.submit(make_item(0)))
+    await model.until(lambda: model.active == 1)
+    hopeless, fine = make_item(1), make_item(2)
+    # Queued while the first batch runs; that batch will have taken 1 s (fake clock).
+    short = asyncio.create_task(batcher.submit(hopeless, deadline=clock.now + 1.5))
+    long = asyncio.create_task(batcher.submit(fine, deadline=clock.now + 5.0))
+    await obs.until(lambda: obs.depth == 2)
+    clock.now += 1.0
+    model.gate.set()
+    await busy
+    # 0.5 s left is less than a batch takes: dropped now, not computed and thrown away.
+    with pytest.raises(DeadlineExceeded, match="would pass before the model finishes"):
+        async with asyncio.timeout(2):
+            await short
+    assert (await long).batch_size == 1
+    assert obs.drops == ["deadline"] and not model.saw(hopeless) and model.saw(fine)
+    await batcher.close()
+
+
 async def test_submit_stops_waiting_at_the_deadline_even_inside_infer() -> None:
     clock = FakeClock()  # frozen, so the item is never expired at batch formation
     model = FakeModel(gated=True)
