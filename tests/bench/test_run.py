@@ -37,7 +37,7 @@ def test_bench_measures_everything_in_one_run_and_writes_json_md_png(
     assert bf16["speedup_vs_fp32"] == pytest.approx(
         bf16["best_images_per_s"] / report["raw"]["eager fp32"]["best_images_per_s"]
     )
-    assert bf16["agreement"]["photos"] == 8 and 0.99 < bf16["agreement"]["embedding_min_cosine"]
+    assert bf16["agreement"]["photos"] == 8 and bf16["agreement"]["embedding_min_cosine"] > 0.99
     assert "agreement" not in report["raw"]["onnx fp32"]
     hiera, plain = report["servers"]["hiera-serve"]["runs"], report["servers"]["plain FastAPI"]
     assert [r["mode"] for r in hiera] == ["closed", "closed", "open", "open"]
