@@ -333,7 +333,10 @@ class DynamicBatcher:
 
     def _pop_batch(self) -> list[_Pending]:
         now = self._clock()
-        finish = now + self._batch_seconds
+        # Predicted misses are dropped only under overload (more queued than one batch takes):
+        # then the model's time is better spent on others, and an estimate inflated by one slow
+        # batch cannot starve a lightly loaded service, since light load always gets its turn.
+        finish = now + self._batch_seconds if len(self._queue) > self._max_batch_size else now
         batch: list[_Pending] = []
         while self._queue and len(batch) < self._max_batch_size:
             p = self._queue.popleft()

@@ -491,7 +491,8 @@ async def test_item_that_cannot_finish_in_time_is_not_sent_to_the_model() -> Non
     clock = FakeClock()
     model = FakeModel(gated=True)
     obs = RecordingObserver()
-    batcher, _ = make(model, obs, max_batch_size=4, max_delay_ms=0, clock=clock)
+    # Batches of 1, so two queued items are more than one batch: the service is overloaded.
+    batcher, _ = make(model, obs, max_batch_size=1, max_delay_ms=0, clock=clock)
     await batcher.start()
     busy = asyncio.create_task(batcher.submit(make_item(0)))
     await model.until(lambda: model.active == 1)
@@ -509,6 +510,23 @@ async def test_item_that_cannot_finish_in_time_is_not_sent_to_the_model() -> Non
             await short
     assert (await long).batch_size == 1
     assert obs.drops == ["deadline"] and not model.saw(hopeless) and model.saw(fine)
+    await batcher.close()
+
+
+async def test_light_load_is_tried_even_when_a_batch_was_slow() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    batcher, _ = make(model, max_batch_size=4, max_delay_ms=0, clock=clock)
+    await batcher.start()
+    slow = asyncio.create_task(batcher.submit(make_item(0)))
+    await model.until(lambda: model.active == 1)
+    clock.now += 10.0  # one pathological 10 s batch
+    model.gate.set()
+    await slow
+    # Alone in the queue, it gets its chance although the estimate says it would miss.
+    async with asyncio.timeout(2):
+        result = await batcher.submit(make_item(1), deadline=clock.now + 1.0)
+    assert result.batch_size == 1
     await batcher.close()
 
 
