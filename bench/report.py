@@ -40,6 +40,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {label} | {rates} | {raw['best_images_per_s']:.1f} | "
             f"{raw['speedup_vs_fp32']:.2f}x | {cos} | {top1} |"
         )
+    batching = report["servers"].get("hiera-serve", {}).get("batching")
+    if batching:
+        lines += [
+            "",
+            f"hiera-serve warm-up, ms per image by batch size: "
+            f"{batching['ms_per_image_by_batch_size']} -> batch cap {batching['batch_cap']} "
+            f"(--max-batch-size {batching['max_batch_size']})",
+        ]
     lines += [
         "",
         "| server | load | img/s | / raw best | p50 ms | p95 ms | p99 ms | statuses | "

@@ -221,6 +221,8 @@ def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[st
     rates: list[float] = []
     for name, command in servers.items():
         with _server(command) as url:
+            models = httpx.get(f"{url}/v1/models", timeout=10)
+            batching = models.json()["models"][0]["batching"] if models.status_code == 200 else None
             print(f"{name}: closed loop, {args.concurrency} clients and 1", flush=True)
             runs = [
                 asyncio.run(load.closed_loop(url, image, concurrency=c, seconds=args.seconds))
@@ -234,7 +236,7 @@ def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[st
                 runs.append(
                     asyncio.run(load.open_loop(url, image, rate=rate, seconds=args.seconds))
                 )
-        out[name] = {"command": " ".join(command[1:]), "runs": runs}
+        out[name] = {"command": " ".join(command[1:]), "batching": batching, "runs": runs}
     return out
 
 

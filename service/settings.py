@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="per-request deadline; requests past it get 504"
     )
+    batch_cap_from_warmup: bool = Field(
+        True,
+        description="time batch sizes 1, 2, 4, ... after warm-up and cap batches at the "
+        "smallest within 5% of the best time per image (where batching buys no throughput, "
+        "as on small CPUs, batches stay small); --no-batch-cap-from-warmup uses "
+        "--max-batch-size as is",
+    )
     batch_wait_when_idle: bool = Field(
         False,
         description="wait up to --max-delay-ms for company even when no batch is running; by "

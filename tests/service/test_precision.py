@@ -13,8 +13,16 @@ from PIL import Image
 from model.artifacts import ModelRepository
 from model.export import export_repository
 from model.hiera import BuiltModel
+from service.app import create_app
 from service.imaging import decode_and_preprocess
-from tests.service.helpers import MICRO_PP, make_image, reference, serving
+from tests.service.helpers import (
+    MICRO_PP,
+    make_image,
+    reference,
+    repository_settings,
+    running,
+    serving,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +86,17 @@ async def test_jpeg_decode_is_exact_unless_draft_is_set(
         )
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["embedding"], want[0].numpy(), rtol=0, atol=1e-4)
+
+
+async def test_warm_up_times_batch_sizes_and_caps_batches(micro_repository: Path) -> None:
+    settings = repository_settings(micro_repository, batch_cap_from_warmup=True, max_batch_size=4)
+    app = create_app(settings)
+    async with running(app) as client:
+        batching = (await client.get("/v1/models")).json()["models"][0]["batching"]
+        timed = dict(app.state.service.pool.per_image_seconds)
+    assert sorted(timed) == [1, 2, 4] and all(t > 0 for t in timed.values())
+    best = min(timed.values())
+    assert batching["batch_cap"] == min(s for s, t in timed.items() if t <= best * 1.05)
+    assert batching["ms_per_image_by_batch_size"] == {
+        str(s): round(1e3 * t, 3) for s, t in timed.items()
+    }
