@@ -102,8 +102,9 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     m, s = report["machine"], report["settings"]
     caption = (
         f"{report['model']} | {m['cpu']}, {m['cpus']} cores, load avg "
-        f"{m['load_before'][0]:.1f} | onnxruntime {m['versions'].get('onnxruntime', '?')}, "
-        f"torch {m['versions'].get('torch', '?')} | hiera-serve --max-batch-size "
+        f"{m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after | onnxruntime "
+        f"{m['versions'].get('onnxruntime', '?')}, torch {m['versions'].get('torch', '?')}\n"
+        f"hiera-serve --max-batch-size "
         f"{s['max_batch_size']} --max-delay-ms {s['max_delay_ms']:g} --request-timeout-s "
         f"{s['deadline_s']:g} | {report['created_at']}"
     )
@@ -134,8 +135,8 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_ylabel("latency of answered requests, ms")
     ax.set_title("Latency vs offered load (open loop)")
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, caption, fontsize=6, color="dimgrey")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     paths.append(out / f"{stem}-latency.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
@@ -151,8 +152,8 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput vs batch size, per backend and precision")
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, caption, fontsize=6, color="dimgrey")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     paths.append(out / f"{stem}-throughput.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)

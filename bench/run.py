@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch-size", type=int, default=8, help="service batching limit")
     p.add_argument("--max-delay-ms", type=float, default=5.0)
-    p.add_argument("--deadline-s", type=float, default=2.0, help="hiera-serve request timeout")
+    p.add_argument("--deadline-s", type=float, default=3.0, help="hiera-serve request timeout")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop HTTP clients")
     p.add_argument(
         "--loads",
