@@ -91,10 +91,13 @@ container-smoke:
 export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
 
-# Raw runtime vs the HTTP service in one run; prints a table and writes bench/results/*.json.
+# Raw runtimes (fp32, int8, bf16), hiera-serve and a plain FastAPI app in one run; prints a
+# Markdown table and writes bench/results/*.json, *.md and *.png. Exports (again, with the
+# int8 artifact) when the repository has no onnx_int8 yet.
 bench: $(STAMP)
-	test -f $(REPO)/$(VARIANT)/manifest.json || $(VENV)/bin/hiera-export --variant $(VARIANT) \
-		--weights $(WEIGHTS) --out $(REPO)
+	grep -qs '"onnx_int8"' $(REPO)/$(VARIANT)/manifest.json || $(VENV)/bin/hiera-export \
+		--variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) \
+		--formats onnx,torchscript,onnx_int8 --overwrite
 	$(VENV)/bin/hiera-bench --model-repository $(REPO)/$(VARIANT) $(ARGS)
 
 # Every GPU path against CPU fp32 on real photos, then Hiera-B fp16 throughput (JSON + table in

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.load import percentiles
 from bench.photos import jpeg_set, resized_jpeg
-from bench.run import _percentiles, _wait_ready
+from bench.run import _wait_ready
 from service.imaging import Preprocessing, cpu
 from service.runtime.feed import Feeder
 from service.runtime.loader import plan
@@ -275,7 +276,7 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
         "requests": len(latencies),
         "ok": ok,
         "images_per_s": round(ok / elapsed, 1),
-        "latency_ms": _percentiles(latencies),
+        "latency_ms": percentiles(latencies),
     }
 
 

@@ -1,46 +1,70 @@
-"""`hiera-bench`: raw runtime throughput vs the full HTTP service, measured in one run.
+"""`hiera-bench`: raw runtime, hiera-serve and a plain FastAPI app, measured in one run.
 
-Both numbers come from the same machine in the same minute, so their ratio (how much the
-service keeps of what the runtime can do) is meaningful even on noisy shared hosts.
+All numbers come from the same machine in the same minutes, so their ratios (how much the
+service keeps of what the runtime can do, and its margin over the obvious app) mean something
+even on noisy shared hosts. Raw: `backend.infer` in a loop per backend, precision and batch
+size, with each reduced precision's agreement with fp32 on real photos. Servers: closed loop
+(N clients, then 1), then open loop (Poisson arrivals at multiples of the sustained rate),
+with hiera-serve's own stage histograms scraped around each run. Writes JSON, a Markdown
+table and two PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from bench import load
+from bench import report as report_md
+from bench.photos import resized_jpeg
+from model.agreement import calibration_photos, eval_batch, measure_agreement
+from model.artifacts import ModelRepository
+from model.variants import custom_variant
 from service.runtime.loader import plan
 from service.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiera-bench", description=__doc__)
-    p.add_argument("--model-repository", type=Path, help="hiera-export output")
-    p.add_argument("--backend", default="onnx", choices=["onnx", "torchscript", "eager"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--model-repository", type=Path, help="hiera-export output (with onnx_int8)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-sizes", default="1,8", help="raw runtime batch sizes")
+    p.add_argument(
+        "--raw",
+        default="onnx:fp32,onnx:int8,eager:fp32,eager:bf16",
+        help="raw runtimes to time, backend:precision; the first is the reference",
+    )
     p.add_argument("--max-batch-size", type=int, default=8, help="service batching limit")
     p.add_argument("--max-delay-ms", type=float, default=5.0)
-    p.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
-    p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    p.add_argument("--deadline-s", type=float, default=3.0, help="hiera-serve request timeout")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop HTTP clients")
+    p.add_argument(
+        "--loads",
+        default="0.5,1,2",
+        help="open-loop offered loads, as multiples of hiera-serve's closed-loop throughput",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain FastAPI app")
+    p.add_argument("--no-draft", action="store_true", help="skip the --jpeg-draft measurement")
+    p.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
     p.add_argument("--image", type=Path, default=Path("examples/grace_hopper.jpg"))
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON output folder")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
     front = p.add_argument_group(
         "front-end mode", "--frontend: the model is a sleep; CPU ms per request by stage"
     )
@@ -66,39 +90,235 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _frontend(args)
     if args.model_repository is None:
         parser.error("--model-repository is required (except with --frontend)")
-    settings = Settings(
-        model_repository=args.model_repository,
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_delay_ms=args.max_delay_ms,
-    )
-    load_plan = plan(settings)
-    device, factory = load_plan.instances[0]
-    height, width = load_plan.card.preprocessing.input_size
-    raw = [
-        _raw(factory, int(b), (3, height, width), args.seconds) for b in args.batch_sizes.split(",")
-    ]
-    best_raw = max(r["images_per_s"] for r in raw)
-    service = _service(args, args.image.read_bytes())
-    report = {
+    load_before = os.getloadavg()
+    image = resized_jpeg(500, 375)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    raw = _raw_all(args, sizes)
+    reference = next(iter(raw.values()))
+    jpeg_draft = None if args.no_draft else _draft(args)
+    servers = _servers(args, image, reference["best_images_per_s"])
+    report: dict[str, Any] = {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(device),
-        "model": load_plan.card.name,
-        "backend": args.backend,
-        "precision": args.precision,
+        "machine": _machine(args.device) | {"load_before": load_before},
+        "model": ModelRepository.load(args.model_repository).manifest.name,
+        "image": "examples/grace_hopper.jpg resized to 500x375, JPEG q90",
+        "settings": {
+            "seconds": args.seconds,
+            "max_batch_size": args.max_batch_size,
+            "max_delay_ms": args.max_delay_ms,
+            "deadline_s": args.deadline_s,
+            "concurrency": args.concurrency,
+        },
+        "batch_sizes": sizes,
         "raw": raw,
-        "service": service,
-        "service_vs_best_raw": service["images_per_s"] / best_raw,
+        "raw_best_images_per_s": reference["best_images_per_s"],
+        "servers": servers,
+        "jpeg_draft": jpeg_draft,
     }
-    _print(report)
+    report["machine"]["load_after"] = os.getloadavg()
+    report["targets"] = targets(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"bench-{load_plan.card.name}-{args.backend}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    stem = f"bench-{report['model']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    table = report_md.markdown(report)
+    print("\n" + table)
+    (args.out / f"{stem}.md").write_text(table)
+    for path in report_md.plots(report, args.out, stem):
+        print(f"wrote {path}")
+    print(f"wrote {args.out / stem}.json and .md")
     return 0
+
+
+def _raw_all(args: argparse.Namespace, sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """Time every backend:precision alone, and measure each one's agreement with its fp32."""
+    out: dict[str, dict[str, Any]] = {}
+    fp32: dict[str, Any] = {}
+    for spec in args.raw.split(","):
+        backend, precision = spec.split(":")
+        settings = Settings(
+            model_repository=args.model_repository,
+            backend=backend,
+            precision=precision,
+            device=args.device,
+        )
+        load_plan = plan(settings)
+        _, factory = load_plan.instances[0]
+        height, width = load_plan.card.preprocessing.input_size
+        print(f"raw {backend} {precision}: batch sizes {sizes}", flush=True)
+        runs = [_raw(factory, b, (3, height, width), args.seconds) for b in sizes]
+        best = max(r["images_per_s"] for r in runs)
+        entry: dict[str, Any] = {"runs": runs, "best_images_per_s": best}
+        if precision == "fp32":
+            fp32[backend] = entry
+        base = fp32.get(backend, entry)
+        entry["speedup_vs_fp32"] = best / base["best_images_per_s"]
+        if precision != "fp32" and backend in fp32:
+            entry["agreement"] = _agreement(args.model_repository, fp32[backend], factory)
+        if precision == "fp32":
+            entry["factory"] = factory
+        out[f"{backend} {precision}"] = entry
+    for entry in out.values():
+        entry.pop("factory", None)
+    return out
+
+
+def _draft(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time exact vs reduced-scale JPEG decode and compare the model's outputs on both."""
+    from bench import draft
+
+    load_plan = plan(Settings(model_repository=args.model_repository, device=args.device))
+    print("jpeg draft: exact vs reduced-scale decode", flush=True)
+    backend = load_plan.instances[0][1]()
+    try:
+        return draft.measure(load_plan.card.preprocessing, backend.infer)
+    finally:
+        backend.close()
+
+
+def _agreement(repository: Path, fp32: dict[str, Any], factory: Any) -> dict[str, Any]:
+    """Compare a precision with fp32 of the same backend on the packaged real photos."""
+    repo = ModelRepository.load(repository)
+    m = repo.manifest
+    variant = custom_variant(m.variant.timm_name, m.name, **m.variant.model_kwargs)
+    variant = dataclasses.replace(
+        variant,
+        input_size=m.preprocessing.input_size,
+        mean=m.preprocessing.mean,
+        std=m.preprocessing.std,
+        interpolation=m.preprocessing.interpolation,
+        crop_pct=m.preprocessing.crop_pct,
+    )
+    batch = eval_batch(calibration_photos(), variant)
+    reference, candidate = fp32["factory"](), factory()
+    try:
+        figures = measure_agreement(
+            reference.infer,
+            candidate.infer,
+            batch,
+            source="packaged (model/calibration)",
+            weights_random=m.weights.kind == "random",
+        )
+    finally:
+        reference.close()
+        candidate.close()
+    return figures.model_dump()
+
+
+def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[str, Any]:
+    """Run hiera-serve, then the baseline app, each closed-loop then open-loop."""
+    serve = [
+        sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
+        "--device", args.device, "--max-batch-size", str(args.max_batch_size),
+        "--max-delay-ms", str(args.max_delay_ms), "--request-timeout-s", str(args.deadline_s),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    baseline = [
+        sys.executable, "-m", "bench.baseline_app", "--model-repository",
+        str(args.model_repository),
+    ]  # fmt: skip
+    servers = {"hiera-serve": serve} | ({} if args.no_baseline else {"plain FastAPI": baseline})
+    out: dict[str, Any] = {}
+    rates: list[float] = []
+    for name, command in servers.items():
+        with _server(command) as url:
+            models = httpx.get(f"{url}/v1/models", timeout=10)
+            batching = models.json()["models"][0]["batching"] if models.status_code == 200 else None
+            print(f"{name}: closed loop, {args.concurrency} clients and 1", flush=True)
+            runs = [
+                asyncio.run(load.closed_loop(url, image, concurrency=c, seconds=args.seconds))
+                for c in (args.concurrency, 1)
+            ]
+            if not rates:  # offered loads relative to what hiera-serve sustains
+                sustained = runs[0]["images_per_s"]
+                rates = [float(x) * sustained for x in args.loads.split(",")]
+            for rate in rates:
+                print(f"{name}: open loop {rate:.1f}/s", flush=True)
+                runs.append(
+                    asyncio.run(load.open_loop(url, image, rate=rate, seconds=args.seconds))
+                )
+        out[name] = {"command": " ".join(command[1:]), "batching": batching, "runs": runs}
+    return out
+
+
+@contextlib.contextmanager
+def _server(command: list[str]) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the issue's targets against the measured numbers."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, measured: str, met: bool) -> None:
+        out.append({"name": name, "measured": measured, "met": bool(met)})
+
+    best = report["raw_best_images_per_s"]
+    hiera = report["servers"]["hiera-serve"]["runs"]
+    saturated, single = hiera[0], hiera[1]
+    add(
+        "saturation >= 0.93x raw best batch",
+        f"{saturated['images_per_s']:.1f} / {best:.1f} = {saturated['images_per_s'] / best:.2f}",
+        saturated["images_per_s"] / best >= 0.93,
+    )
+    plain = report["servers"].get("plain FastAPI")
+    if plain:
+        ratio = saturated["images_per_s"] / plain["runs"][0]["images_per_s"]
+        add(
+            f"hiera-serve >= plain app at {saturated['concurrency']} clients",
+            f"{saturated['images_per_s']:.1f} vs {plain['runs'][0]['images_per_s']:.1f} "
+            f"img/s = {ratio:.2f}x",
+            ratio >= 1.0,
+        )
+    raw_b1 = next(iter(report["raw"].values()))["runs"][0]
+    stages = single["stages_ms"] or {}
+    bound = (
+        raw_b1["batch_latency_ms"]["p50"]
+        + stages.get("decode", 0)
+        + stages.get("preprocess", 0)
+        + 2.0
+    )
+    p50 = single["latency_ms"]["p50"]
+    add(
+        "1-client p50 <= raw b1 + decode + preprocess + 2 ms",
+        f"{p50:.1f} ms vs {bound:.1f} ms (raw b1 p50 {raw_b1['batch_latency_ms']['p50']:.1f}, "
+        f"decode {stages.get('decode', 0):.1f}, preprocess {stages.get('preprocess', 0):.1f}, "
+        f"queue {stages.get('queue', 0):.2f})",
+        p50 <= bound,
+    )
+    overload = max((r for r in hiera if r["mode"] == "open"), key=lambda r: r["offered_per_s"])
+    deadline_ms = 1e3 * report["settings"]["deadline_s"]
+    p99 = overload["latency_ms"]["p99"] if overload["latency_ms"] else float("nan")
+    rejected = overload["rejected_latency_ms"]
+    add(
+        f"open loop {overload['offered_per_s']:.1f}/s: answered p99 <= deadline, excess rejected",
+        f"p99 {p99:.0f} ms (deadline {deadline_ms:.0f}), accepted "
+        f"{100 * overload['accepted_fraction']:.0f}%, statuses {overload['statuses']}, "
+        f"rejections p50 {rejected['p50']:.0f} ms"
+        if rejected
+        else "no rejections",
+        p99 <= deadline_ms and overload["accepted_fraction"] < 1.0,
+    )
+    for label, raw in report["raw"].items():
+        agree = raw.get("agreement")
+        if agree:
+            add(
+                f"{label}: >= 1.8x fp32, embedding cosine >= 0.999",
+                f"{raw['speedup_vs_fp32']:.2f}x, min cosine {agree['embedding_min_cosine']:.5f}",
+                raw["speedup_vs_fp32"] >= 1.8 and agree["embedding_min_cosine"] >= 0.999,
+            )
+    return out
 
 
 def _frontend(args: argparse.Namespace) -> int:
@@ -144,29 +364,8 @@ def _raw(factory: Any, batch_size: int, shape: tuple[int, ...], seconds: float) 
     return {
         "batch_size": batch_size,
         "images_per_s": batch_size * len(latencies) / elapsed,
-        "batch_latency_ms": _percentiles(latencies),
+        "batch_latency_ms": load.percentiles(latencies),
     }
-
-
-def _service(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
-    """Run the real server and drive it with closed-loop concurrent clients."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
-        "--backend", args.backend, "--precision", args.precision, "--device", args.device,
-        "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
-        "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process)
-        return asyncio.run(_load(url, image, args.concurrency, args.seconds))
-    finally:
-        process.terminate()
-        process.wait(60)
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -183,79 +382,30 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("hiera-serve did not become ready in 600 s")
 
 
-async def _load(url: str, image: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    headers = {"Content-Type": "image/jpeg"}
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        before = await _batch_stats(client)
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                response = await client.post("/v1/classify", content=image, headers=headers)
-                latencies.append(time.perf_counter() - t0)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        after = await _batch_stats(client)
-    batches = after[0] - before[0]
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "statuses": statuses,
-        "images_per_s": statuses.get(200, 0) / elapsed,
-        "latency_ms": _percentiles(latencies),
-        "mean_batch_size": (after[1] - before[1]) / batches if batches else 0.0,
-    }
-
-
-async def _batch_stats(client: httpx.AsyncClient) -> tuple[float, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    count = total = 0.0
-    for family in text_string_to_metric_families((await client.get("/metrics")).text):
-        for s in family.samples:
-            if s.name == "hiera_batch_size_count":
-                count = s.value
-            elif s.name == "hiera_batch_size_sum":
-                total = s.value
-    return count, total
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    ms = sorted(1e3 * s for s in seconds)
-    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else ms * 99
-    return {"p50": q[49], "p95": q[94], "p99": q[98], "mean": statistics.fmean(ms)}
-
-
 def _machine(device: str) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device}
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("hiera-serve", "onnxruntime", "torch", "timm", "numpy", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "device": device,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
     if device.startswith("cuda"):
         import torch
 
         info["gpu"] = torch.cuda.get_device_name(int(device.split(":")[1]))
     return info
-
-
-def _print(report: dict[str, Any]) -> None:
-    print(
-        f"\n{report['model']} on {report['backend']} ({report['precision']}), {report['machine']}"
-    )
-    for r in report["raw"]:
-        lat = r["batch_latency_ms"]
-        print(f"  raw batch {r['batch_size']:>3}: {r['images_per_s']:8.1f} img/s   "
-              f"batch p50 {lat['p50']:.1f} ms  p95 {lat['p95']:.1f} ms")  # fmt: skip
-    s = report["service"]
-    lat = s["latency_ms"]
-    print(f"  service x{s['concurrency']:>3}: {s['images_per_s']:8.1f} img/s   "
-          f"request p50 {lat['p50']:.1f} ms  p95 {lat['p95']:.1f} ms  p99 {lat['p99']:.1f} ms  "
-          f"mean batch {s['mean_batch_size']:.2f}  statuses {s['statuses']}")  # fmt: skip
-    print(f"  service / best raw: {report['service_vs_best_raw']:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
 FORMAT_VERSION = 1
 
-ArtifactKind = Literal["onnx", "onnx_fp16", "torchscript"]
+ArtifactKind = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
 ARTIFACT_FILES: dict[str, str] = {
     "onnx": "model.onnx",
     "onnx_fp16": "model.fp16.onnx",
+    "onnx_int8": "model.int8.onnx",
     "torchscript": "model.ts",
 }
 
@@ -58,13 +59,28 @@ class ParityFigures(_Frozen):
     passed: bool
 
 
+class AgreementFigures(_Frozen):
+    """How a reduced-precision artifact's answers compare with fp32 eager on real photos."""
+
+    photos: int
+    source: str  # which photo set: the packaged calibration set or a folder given at export
+    embedding_min_cosine: float
+    embedding_mean_cosine: float
+    top1_agreement: float  # meaningful only with trained weights (random init: near-ties)
+    top5_overlap: float
+    weights_random: bool
+    min_cosine_bound: float
+    passed: bool
+
+
 class Artifact(_Frozen):
     file: str
     sha256: str
     bytes: int
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     details: dict[str, Any] = Field(default_factory=dict)
     parity: ParityFigures | None = None
+    agreement: AgreementFigures | None = None
 
 
 class WeightsRecord(_Frozen):

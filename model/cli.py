@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         "--formats",
         default="onnx,torchscript",
         help=f"comma-separated subset of {','.join(ALL_FORMATS)} (default: onnx,torchscript)",
+    )
+    parser.add_argument(
+        "--calibration-dir",
+        type=Path,
+        help="folder of real photos (JPEG/PNG) on which onnx_int8 must agree with fp32 "
+        "(default: the photos shipped in model/calibration)",
     )
     parser.add_argument("--out", default="model_repository", help="repository root folder")
     parser.add_argument("--name", help="model folder name (default: the variant name)")
@@ -91,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 opset=args.opset,
                 overwrite=args.overwrite,
                 on_step=on_step,
+                calibration_dir=args.calibration_dir,
             )
         if args.triton:
             from model.triton import PLATFORMS, write_triton_layout
@@ -115,18 +123,29 @@ def _print_summary(console: Console, target: object, seconds: float) -> None:
     if manifest.weights.kind == "random":
         console.print("[bold yellow]RANDOM WEIGHTS[/]: this export is for testing only")
     table = Table(title=f"{target} ({seconds:.1f} s)")
-    for column in ("artifact", "precision", "MB", "emb max|Δ|", "logit max|Δ|", "min cos"):
+    columns = ("artifact", "precision", "MB", "emb max|Δ|", "logit max|Δ|", "min cos", "top-1")
+    for column in columns:
         table.add_column(column)
     for kind, art in manifest.artifacts.items():
+        size = (f"{kind} ({art.file})", art.precision, f"{art.bytes / 1e6:.1f}")
+        if art.agreement is not None:  # reduced precision: measured on real photos
+            agree = art.agreement
+            table.add_row(
+                *size,
+                "-",
+                "-",
+                f"{agree.embedding_min_cosine:.6f} ({agree.photos} photos)",
+                f"{agree.top1_agreement:.2f}",
+            )
+            continue
         parity = art.parity
-        assert parity is not None  # export_repository always records parity
+        assert parity is not None  # export_repository records parity or agreement
         table.add_row(
-            f"{kind} ({art.file})",
-            art.precision,
-            f"{art.bytes / 1e6:.1f}",
+            *size,
             f"{parity.embedding_max_abs:.2e}",
             f"{parity.logits_max_abs:.2e}",
             f"{parity.embedding_min_cosine:.6f}",
+            "-",
         )
     console.print(table)
 

@@ -17,11 +17,14 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from model.agreement import calibration_photos, eval_batch, measure_agreement
 from model.artifacts import (
     ARTIFACT_FILES,
+    AgreementFigures,
     Artifact,
     ArtifactKind,
     Manifest,
@@ -37,9 +40,11 @@ from model.hiera import BuiltModel, ServingHiera
 from model.labels import class_names
 from model.parity import TOLERANCE, Runner, eager_runner, measure, onnx_runner, torchscript_runner
 
-ALL_FORMATS: tuple[ArtifactKind, ...] = ("onnx", "torchscript", "onnx_fp16")
+# Order matters: onnx_int8 is quantized from the fp32 ONNX graph written before it.
+ALL_FORMATS: tuple[ArtifactKind, ...] = ("onnx", "torchscript", "onnx_fp16", "onnx_int8")
 DEFAULT_FORMATS: tuple[ArtifactKind, ...] = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
+_PRECISION: dict[str, Literal["fp32", "fp16", "int8"]] = {"onnx_fp16": "fp16", "onnx_int8": "int8"}
 _TRACE_BATCH = 2  # trace with B > 1 so no size-1 dimension gets specialised into the graph
 
 StepCallback = Callable[[str], None]
@@ -53,13 +58,22 @@ class ParityError(ExportError):
     """An artifact's outputs differ from eager PyTorch by more than the tolerance."""
 
 
+class AgreementError(ExportError):
+    """A reduced-precision artifact moves embeddings of real photos too far from fp32."""
+
+
 def parse_formats(text: str | Sequence[str]) -> tuple[ArtifactKind, ...]:
-    """Parse `onnx,torchscript,onnx_fp16` into a validated, de-duplicated tuple."""
+    """Parse `onnx,torchscript,onnx_fp16` into a validated, de-duplicated, ordered tuple.
+
+    `onnx_int8` brings `onnx` along: it is quantized from that graph.
+    """
     items = text.split(",") if isinstance(text, str) else list(text)
-    wanted = [item.strip() for item in items if item.strip()]
-    unknown = sorted(set(wanted) - set(ALL_FORMATS))
+    wanted = {item.strip() for item in items if item.strip()}
+    unknown = sorted(wanted - set(ALL_FORMATS))
     if unknown or not wanted:
         raise ValueError(f"unknown export formats {unknown}; choose from {', '.join(ALL_FORMATS)}")
+    if "onnx_int8" in wanted:
+        wanted.add("onnx")
     return tuple(kind for kind in ALL_FORMATS if kind in wanted)
 
 
@@ -97,9 +111,15 @@ def export_repository(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     on_step: StepCallback | None = None,
+    calibration_dir: Path | None = None,
 ) -> Path:
-    """Export `built` into `<out_dir>/<name>/`; nothing is left behind if any check fails."""
+    """Export `built` into `<out_dir>/<name>/`; nothing is left behind if any check fails.
+
+    Full-precision artifacts must match eager PyTorch on seeded inputs (parity); the int8
+    artifact must agree with it on real photos (`calibration_dir`, default the packaged set).
+    """
     step = on_step or (lambda _msg: None)
+    formats = parse_formats(formats)
     name = name or built.variant.name
     target = Path(out_dir) / name
     if target.exists() and not overwrite:
@@ -116,8 +136,14 @@ def export_repository(
         for kind in formats:
             step(f"exporting {kind}")
             artifacts[kind] = _export_one(kind, built.module, folder, example, opset)
-            step(f"checking {kind} parity against eager PyTorch")
             runner = _runner_for(kind, folder / artifacts[kind].file)
+            if kind == "onnx_int8":
+                step(f"checking {kind} agreement with eager PyTorch fp32 on real photos")
+                agreement = _agreement(built, reference, runner, calibration_dir)
+                _require_agreement(kind, agreement)
+                artifacts[kind] = artifacts[kind].model_copy(update={"agreement": agreement})
+                continue
+            step(f"checking {kind} parity against eager PyTorch")
             parity = measure(
                 reference,
                 runner,
@@ -143,6 +169,8 @@ def _export_one(
     elif kind == "onnx":
         export_onnx(module, path, example, opset)
         details = {"opset": opset, "exporter": "torch.onnx (dynamo=False)"}
+    elif kind == "onnx_int8":
+        details = quantize_int8(folder / ARTIFACT_FILES["onnx"], path)
     else:
         # Half the weights and activations; inputs and outputs are float16 too, and the
         # service casts at the boundary from the graph's declared input type.
@@ -153,9 +181,60 @@ def _export_one(
         file=path.name,
         sha256=sha256_file(path),
         bytes=path.stat().st_size,
-        precision="fp16" if kind == "onnx_fp16" else "fp32",
+        precision=_PRECISION.get(kind, "fp32"),
         details=details,
     )
+
+
+def quantize_int8(source: Path, path: Path) -> dict[str, object]:
+    """Quantize an fp32 ONNX graph dynamically: int8 weights, activations scaled per batch.
+
+    Dynamic, not static: it needs no calibration data to *build* (real photos are only used to
+    check it), and the MatMuls that dominate Hiera's time run as int8 on ONNX Runtime's CPU
+    kernels (VNNI/AMX where present).
+    """
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "consider pre-processing" advice, printed on every call
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8)
+    finally:
+        quiet.setLevel(level)
+    return {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "weight_type": "QInt8",
+        "source": source.name,
+    }
+
+
+def _agreement(
+    built: BuiltModel, reference: Runner, candidate: Runner, calibration_dir: Path | None
+) -> AgreementFigures:
+    from model import agreement
+
+    photos = calibration_photos(calibration_dir)
+    return measure_agreement(
+        reference,
+        candidate,
+        eval_batch(photos, built.variant),
+        source=str(calibration_dir) if calibration_dir else "packaged (model/calibration)",
+        weights_random=built.weights.is_random,
+        min_cosine=agreement.MIN_COSINE,  # read now, so a caller (or test) can tighten it
+    )
+
+
+def _require_agreement(kind: str, agreement: AgreementFigures) -> None:
+    if not agreement.passed:
+        raise AgreementError(
+            f"{kind} embeddings agree with fp32 only down to cosine "
+            f"{agreement.embedding_min_cosine:.5f} on {agreement.photos} photos (bound "
+            f"{agreement.min_cosine_bound}); refusing to export it. Serve fp32 or bf16 instead; "
+            "no manifest written"
+        )
 
 
 def _runner_for(kind: ArtifactKind, path: Path) -> Runner:

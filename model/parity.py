@@ -80,7 +80,7 @@ def measure(
             )
         emb_err = max(emb_err, float(np.abs(emb - ref_emb).max()))
         logit_err = max(logit_err, float(np.abs(logits - ref_logits).max()) if logits.size else 0.0)
-        min_cos = min(min_cos, float(_cosine(emb, ref_emb).min()))
+        min_cos = min(min_cos, float(cosine(emb, ref_emb).min()))
     return ParityFigures(
         batch_sizes=list(batch_sizes),
         embedding_max_abs=emb_err,
@@ -91,7 +91,8 @@ def measure(
     )
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the row-wise cosine similarity of two [N, D] arrays, in float64."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     denom = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     return np.asarray((a64 * b64).sum(axis=1) / np.maximum(denom, 1e-12))

@@ -5,7 +5,9 @@ that the runtime normalises; numpy arrays or torch tensors) and awaits an ``infe
 (the runtime pool) that returns ``(logits [B, C], embedding [B, D])``. By default a batch is
 the items stacked into one ``[B, 3, H, W]`` numpy array; ``collate=list`` hands the runtime the
 items themselves, so it can assemble them on its own device. Up to ``concurrency`` batches are
-in flight at once, one per instance.
+in flight at once, one per instance. A batch is dispatched at once when no batch is running
+(every instance idle); the ``max_delay_ms`` window applies only while others are busy, unless
+``wait_when_idle`` asks for it always.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class DynamicBatcher:
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         collate: CollateFn = np.stack,
+        wait_when_idle: bool = False,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -159,6 +162,9 @@ class DynamicBatcher:
         self._collate = collate
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay_ms / 1000.0
+        # By default the delay window only applies while another batch is running: with every
+        # instance idle, waiting for company costs the first caller latency and buys nothing.
+        self._wait_when_idle = wait_when_idle
         self._max_queue_size = max_queue_size
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         self._on_error = on_error
@@ -172,6 +178,10 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._shape: tuple[int, ...] | None = None
         self._in_flight = 0
+        self._running_batches = 0  # counted at dispatch, before the batch's task first runs
+        # Smoothed duration of a batch: an item that cannot finish before its deadline is not
+        # sent to the model, whose time then goes to requests that can still be answered.
+        self._batch_seconds = 0.0
         self._closing = False
         self._failed: BaseException | None = None
 
@@ -289,6 +299,7 @@ class DynamicBatcher:
                 if batch is None:
                     self._slots.release()
                     return
+                self._running_batches += 1
                 task = asyncio.create_task(self._run_batch(batch, self._clock()))
                 self._batches[task] = batch  # strong reference until the batch finishes
                 task.add_done_callback(self._batch_finished)
@@ -306,7 +317,8 @@ class DynamicBatcher:
                     return None
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < self._max_batch_size and not self._closing:
+            idle = self._running_batches == 0 and not self._wait_when_idle
+            if len(self._queue) < self._max_batch_size and not self._closing and not idle:
                 # Measured from the first item's enqueue time, so time spent waiting for a
                 # free instance counts toward the delay bound.
                 due_in = self._queue[0].enqueued_at + self._max_delay - self._clock()
@@ -321,14 +333,25 @@ class DynamicBatcher:
 
     def _pop_batch(self) -> list[_Pending]:
         now = self._clock()
+        # Predicted misses are dropped only under overload (more queued than one batch takes):
+        # then the model's time is better spent on others, and an estimate inflated by one slow
+        # batch cannot starve a lightly loaded service, since light load always gets its turn.
+        finish = now + self._batch_seconds if len(self._queue) > self._max_batch_size else now
         batch: list[_Pending] = []
         while self._queue and len(batch) < self._max_batch_size:
             p = self._queue.popleft()
             if p.future.done():
                 continue  # the caller left; submit() already reported the drop
-            if p.deadline is not None and p.deadline <= now:
+            if p.deadline is not None and (p.deadline <= now or p.deadline < finish):
                 p.dropped = True
-                p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                p.future.set_exception(
+                    DeadlineExceeded(
+                        "deadline passed while queued"
+                        if p.deadline <= now
+                        else f"deadline would pass before the model finishes (a batch takes "
+                        f"about {1e3 * self._batch_seconds:.0f} ms)"
+                    )
+                )
                 self._observe(self._observer.dropped, "deadline")
                 continue
             p.dispatched = True
@@ -356,6 +379,10 @@ class DynamicBatcher:
                 self._observe(self._observer.batch_done, size, elapsed, False)
                 return
             elapsed = self._clock() - started
+            # Exponential average: follows load changes within a few batches.
+            self._batch_seconds = (
+                elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
+            )
             outputs = BatchOutputs(logits, embedding)
             for i, p in enumerate(batch):
                 if not p.future.done():  # a caller that left (cancel, deadline) gets nothing
@@ -373,6 +400,7 @@ class DynamicBatcher:
             self._observe(self._observer.batch_done, size, elapsed, True)
         finally:
             self._in_flight -= size
+            self._running_batches -= 1
             self._slots.release()
             # No-op unless infer was cancelled or raised a BaseException: never strand a caller.
             for p in batch:

@@ -82,6 +82,7 @@ class InferenceService:
         self.reason = "loading the model"
         self.card: ModelCard | None = None
         self.pool: RuntimePool | None = None
+        self.batch_cap = settings.max_batch_size  # lowered after warm-up if batching buys nothing
         self.batcher: DynamicBatcher | None = None
         self.backend_name = settings.backend
         self.devices: list[str] = []
@@ -108,19 +109,22 @@ class InferenceService:
                 load_plan.instances,
                 inputs=InputSpec((3, height, width), pp.mean, pp.std),
                 max_batch_size=self.settings.max_batch_size,
+                time_batches=self.settings.batch_cap_from_warmup,
             )
+            self.batch_cap = self.pool.batch_cap(self.settings.max_batch_size)
             self._device_decoder = await asyncio.to_thread(
                 self._start_device_decoder, pp, self.pool.instances[0].device
             )
             self.batcher = DynamicBatcher(
                 self.pool.infer,
                 collate=list,  # the pool's feeders assemble batches on their own devices
-                max_batch_size=self.settings.max_batch_size,
+                max_batch_size=self.batch_cap,
                 max_delay_ms=self.settings.max_delay_ms,
                 max_queue_size=self.settings.max_queue_size,
                 concurrency=self.pool.size,
                 observer=BatcherMetrics(self.metrics),
                 on_error=self.fail,
+                wait_when_idle=self.settings.batch_wait_when_idle,
             )
             await self.batcher.start()
         except Exception as exc:
@@ -259,7 +263,7 @@ class InferenceService:
         decoded = imaging.decode_image(
             data,
             max_pixels=self.settings.max_image_pixels,
-            draft_size=imaging.draft_size(pp),
+            draft_size=imaging.draft_size(pp) if self.settings.jpeg_draft else None,
         )
         decoded_at = time.perf_counter()
         pixels = imaging.crop(decoded.image, pp)

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["onnx", "torchscript", "eager"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 class Settings(BaseSettings):
@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     device: DeviceName = Field("auto", description="auto picks CUDA when present, else CPU")
     precision: Precision = Field(
         "fp32",
-        description="fp32; fp16 (ONNX: the fp16 artifact; torch: autocast); bf16 (torch only)",
+        description="fp32; fp16 (ONNX: the fp16 artifact; torch: autocast); bf16 (torch "
+        "autocast, CPUs with AMX/AVX-512 BF16 or GPUs); int8 (ONNX on CPU: the dynamically "
+        "quantized artifact, exported only if it agrees with fp32 on real photos)",
     )
     onnx_providers: list[str] | None = Field(
         None,
@@ -86,7 +88,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="per-request deadline; requests past it get 504"
     )
+    batch_cap_from_warmup: bool = Field(
+        True,
+        description="time batch sizes 1, 2, 4, ... after warm-up and cap batches at the "
+        "smallest within 5% of the best time per image (where batching buys no throughput, "
+        "as on small CPUs, batches stay small); --no-batch-cap-from-warmup uses "
+        "--max-batch-size as is",
+    )
+    batch_wait_when_idle: bool = Field(
+        False,
+        description="wait up to --max-delay-ms for company even when no batch is running; by "
+        "default a request that finds every instance idle is dispatched at once",
+    )
     decode_threads: int = Field(4, ge=1, le=256, description="threads decoding images")
+    jpeg_draft: bool = Field(
+        False,
+        description="decode large JPEGs at reduced scale (libjpeg DCT scaling): faster, but "
+        "the model input differs from timm's transform on a full decode; off = exact",
+    )
 
     # Input limits.
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
@@ -121,6 +140,11 @@ class Settings(BaseSettings):
             )
         if self.precision == "bf16" and self.backend == "onnx":
             raise ValueError("precision bf16 needs --backend torchscript or eager")
+        if self.precision == "int8" and (self.backend != "onnx" or self.device == "cuda"):
+            raise ValueError(
+                "precision int8 is the quantized ONNX artifact for the CPU: use --backend onnx "
+                "with --device cpu (or auto on a host without a GPU)"
+            )
         if self.decode_device == "cuda" and self.device == "cpu":
             raise ValueError(
                 "--decode-device cuda decodes where the model runs, but --device is cpu; "

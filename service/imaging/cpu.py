@@ -104,13 +104,14 @@ def decode_and_preprocess(
     *,
     max_pixels: int,
     allowed_formats: frozenset[str] = DEFAULT_FORMATS,
+    draft: bool = False,
 ) -> tuple[np.ndarray, DecodedImage]:
-    """Decode an upload (JPEG-drafting down to the resize target) and preprocess it for `pp`."""
+    """Decode an upload (exactly, or JPEG-drafted to the resize target) and preprocess it."""
     decoded = decode_image(
         data,
         max_pixels=max_pixels,
         allowed_formats=allowed_formats,
-        draft_size=draft_size(pp),
+        draft_size=draft_size(pp) if draft else None,
     )
     return preprocess(decoded.image, pp), decoded
 

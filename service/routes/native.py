@@ -112,6 +112,11 @@ async def models(service: ServiceDep) -> JSONResponse:
         "precision": settings.precision,
         "batching": {
             "max_batch_size": settings.max_batch_size,
+            "batch_cap": service.batch_cap,
+            "ms_per_image_by_batch_size": {
+                str(size): round(1e3 * t, 3)
+                for size, t in (service.pool.per_image_seconds if service.pool else {}).items()
+            },
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_size": settings.max_queue_size,
             "instances": len(service.devices),
@@ -139,6 +144,8 @@ async def models(service: ServiceDep) -> JSONResponse:
                 "license": card.weights_license,
             },
             "repository": card.repository,
+            "artifact": card.artifact,
+            "agreement": card.agreement,
         }
     return JSONResponse({"models": [entry]})
 

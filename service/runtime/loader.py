@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from model.artifacts import ArtifactKind, Manifest, ModelRepository, RepositoryError
 from model.artifacts import Preprocessing as ManifestPreprocessing
@@ -43,6 +44,10 @@ class ModelCard:
     weights_sha256: str
     weights_license: str
     repository: str | None
+    # The served artifact's file and, for a reduced precision, its measured agreement with fp32
+    # on real photos (the manifest's figures), so /v1/models can show what int8 costs.
+    artifact: str | None = None
+    agreement: dict[str, Any] | None = None
 
     @property
     def random_weights(self) -> bool:
@@ -83,7 +88,14 @@ def plan(settings: Settings) -> LoadPlan:
     if settings.backend == "eager":
         built = _rebuild(repo.manifest, settings.seed)
         return LoadPlan(card, _eager_instances(built, settings, devices))
-    artifact = repo.artifact_path(_artifact_kind(settings))
+    kind = _artifact_kind(settings)
+    artifact = repo.artifact_path(kind)
+    record = repo.manifest.artifacts[kind]
+    card = replace(
+        card,
+        artifact=record.file,
+        agreement=record.agreement.model_dump() if record.agreement is not None else None,
+    )
     return LoadPlan(card, _artifact_instances(artifact, settings, devices, card))
 
 
@@ -132,7 +144,9 @@ def export_on_the_fly(settings: Settings) -> tuple[ModelRepository, BuiltModel]:
 def _artifact_kind(settings: Settings) -> ArtifactKind:
     if settings.backend == "torchscript":
         return "torchscript"
-    return "onnx_fp16" if settings.precision == "fp16" else "onnx"
+    if settings.precision == "fp16":
+        return "onnx_fp16"
+    return "onnx_int8" if settings.precision == "int8" else "onnx"
 
 
 def _artifact_instances(

@@ -52,10 +52,14 @@ class Instance:
 class RuntimePool:
     """Run batches on whichever instance is free; built and warmed by `start`."""
 
-    def __init__(self, instances: Sequence[Instance]) -> None:
+    def __init__(
+        self, instances: Sequence[Instance], per_image_seconds: dict[int, float] | None = None
+    ) -> None:
         if not instances:
             raise ValueError("a runtime pool needs at least one instance")
         self.instances = list(instances)
+        # Seconds per image at each timed batch size (first instance, best of two runs).
+        self.per_image_seconds = per_image_seconds or {}
         self._free: asyncio.Queue[Instance] = asyncio.Queue()
         for instance in self.instances:
             self._free.put_nowait(instance)
@@ -67,9 +71,15 @@ class RuntimePool:
         *,
         inputs: InputSpec,
         max_batch_size: int,
+        time_batches: bool = False,
     ) -> RuntimePool:
-        """Create every instance in its own thread and warm it at every batch size."""
+        """Create every instance in its own thread and warm it at every batch size.
+
+        With `time_batches`, the first instance is then timed at batch sizes 1, 2, 4, ... up
+        to `max_batch_size`, so the service can tell whether batching pays on this device.
+        """
         instances = []
+        per_image: dict[int, float] = {}
         try:
             for index, (device, factory) in enumerate(factories):
                 thread = ThreadPoolExecutor(1, thread_name_prefix=f"hiera-infer-{index}")
@@ -96,10 +106,30 @@ class RuntimePool:
                     max_batch_size,
                     seconds,
                 )
+            if time_batches:
+                first = instances[0]
+                per_image = await asyncio.wrap_future(
+                    first.thread.submit(_time_batches, first, inputs.shape, max_batch_size)
+                )
+                log.info(
+                    "ms per image by batch size: %s",
+                    {size: round(1e3 * t, 2) for size, t in per_image.items()},
+                )
         except BaseException:
             _close_all(instances)
             raise
-        return cls(instances)
+        return cls(instances, per_image)
+
+    def batch_cap(self, max_batch_size: int, tolerance: float = 0.05) -> int:
+        """Return the smallest timed batch size within `tolerance` of the best time per image.
+
+        Where batching pays (GPUs) that is the largest size; where it does not (small CPUs),
+        a smaller one, so requests stop waiting on batch-mates that buy no throughput.
+        """
+        if not self.per_image_seconds:
+            return max_batch_size
+        best = min(self.per_image_seconds.values())
+        return min(s for s, t in self.per_image_seconds.items() if t <= best * (1 + tolerance))
 
     @property
     def size(self) -> int:
@@ -142,6 +172,22 @@ def _warm_up(instance: Instance, shape: tuple[int, int, int], max_batch_size: in
     for size in range(1, max_batch_size + 1):
         instance.run([crop] * size)
     return time.perf_counter() - started
+
+
+def _time_batches(
+    instance: Instance, shape: tuple[int, int, int], max_batch_size: int
+) -> dict[int, float]:
+    sizes = sorted({1, max_batch_size, *(2**k for k in range(1, 11) if 2**k < max_batch_size)})
+    crop = np.zeros(shape, np.uint8)
+    per_image = {}
+    for size in sizes:
+        runs = []
+        for _ in range(2):  # best of two: a shared host's hiccups only ever add time
+            started = time.perf_counter()
+            instance.run([crop] * size)
+            runs.append(time.perf_counter() - started)
+        per_image[size] = min(runs) / size
+    return per_image
 
 
 def _close_all(instances: Sequence[Instance]) -> None:

@@ -2,34 +2,125 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
+import numpy as np
 import pytest
 
-from bench.run import main
+from bench.baseline_app import create_baseline_app
+from bench.run import main, targets
+from model.hiera import BuiltModel
+from service.postprocess import softmax
+from tests.service.helpers import make_image, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_bench_measures_raw_and_service_and_writes_json(
+def test_bench_measures_everything_in_one_run_and_writes_json_md_png(
     micro_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main([
         "--model-repository", str(micro_repository), "--device", "cpu", "--batch-sizes", "1,2",
-        "--seconds", "0.5", "--concurrency", "4", "--max-delay-ms", "20",
-        "--image", str(ROOT / "examples" / "grace_hopper.jpg"), "--out", str(tmp_path),
+        "--raw", "onnx:fp32,eager:fp32,eager:bf16", "--seconds", "0.5", "--concurrency", "4",
+        "--loads", "0.5,2", "--max-delay-ms", "20", "--out", str(tmp_path),
     ])  # fmt: skip
     assert code == 0
-    (result,) = tmp_path.glob("bench-hiera_micro-onnx-*.json")
+    (result,) = tmp_path.glob("bench-hiera_micro-*.json")
     report = json.loads(result.read_text())
-    assert [r["batch_size"] for r in report["raw"]] == [1, 2]
-    assert all(r["images_per_s"] > 0 for r in report["raw"])
-    service = report["service"]
-    assert service["requests"] > 0 and set(service["statuses"]) == {"200"}
-    assert service["images_per_s"] > 0 and service["mean_batch_size"] >= 1
-    assert (
-        0
-        < report["service_vs_best_raw"]
-        == pytest.approx(service["images_per_s"] / max(r["images_per_s"] for r in report["raw"]))
+    assert list(report["raw"]) == ["onnx fp32", "eager fp32", "eager bf16"]
+    for raw in report["raw"].values():
+        assert [r["batch_size"] for r in raw["runs"]] == [1, 2]
+        assert raw["best_images_per_s"] == max(r["images_per_s"] for r in raw["runs"]) > 0
+    bf16 = report["raw"]["eager bf16"]
+    assert bf16["speedup_vs_fp32"] == pytest.approx(
+        bf16["best_images_per_s"] / report["raw"]["eager fp32"]["best_images_per_s"]
     )
-    assert "service / best raw" in capsys.readouterr().out
+    assert bf16["agreement"]["photos"] == 8 and bf16["agreement"]["embedding_min_cosine"] > 0.99
+    assert "agreement" not in report["raw"]["onnx fp32"]
+    hiera, plain = report["servers"]["hiera-serve"]["runs"], report["servers"]["plain FastAPI"]
+    assert [r["mode"] for r in hiera] == ["closed", "closed", "open", "open"]
+    assert [r["concurrency"] for r in hiera[:2]] == [4, 1]
+    assert set(hiera[0]["statuses"]) == {"200"} and hiera[0]["mean_batch_size"] >= 1
+    assert {"decode", "preprocess", "queue", "inference"} <= set(hiera[1]["stages_ms"])
+    rates = [r["offered_per_s"] for r in hiera[2:]]
+    assert rates == pytest.approx([0.5 * hiera[0]["images_per_s"], 2 * hiera[0]["images_per_s"]])
+    assert [r["offered_per_s"] for r in plain["runs"][2:]] == rates  # same offered loads
+    assert plain["runs"][0]["stages_ms"] is None  # the plain app has no metrics
+    assert [d["size"] for d in report["jpeg_draft"]] == [
+        "500x375", "1024x768", "1920x1080", "4000x3000"
+    ]  # fmt: skip
+    assert report["jpeg_draft"][0]["input_max_abs_diff"] == 0.0  # too small to draft
+    assert report["jpeg_draft"][-1]["speedup"] > 1.5
+    assert {t["name"] for t in report["targets"]} >= {"saturation >= 0.93x raw best batch"}
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert "| target | measured | met |" in capsys.readouterr().out
+
+
+async def test_baseline_app_answers_like_the_model(
+    micro_repository: Path, micro_model: BuiltModel
+) -> None:
+    data = make_image(4)
+    logits, _ = reference(micro_model, data)
+    app = create_baseline_app(micro_repository)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://plain") as client:
+        response = await client.post(
+            "/v1/classify?top_k=3", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+    assert response.status_code == 200
+    scores = softmax(logits[None])[0]
+    want = np.argsort(-scores, kind="stable")[:3]
+    got = response.json()["labels"]
+    assert [g["index"] for g in got] == want.tolist()
+    np.testing.assert_allclose([g["score"] for g in got], scores[want], rtol=1e-4)
+
+
+def _report(**changes: Any) -> dict[str, Any]:
+    closed16 = {"mode": "closed", "concurrency": 16, "images_per_s": 14.0}
+    closed1 = {
+        "mode": "closed",
+        "concurrency": 1,
+        "latency_ms": {"p50": 70.0},
+        "stages_ms": {"decode": 1.0, "preprocess": 3.0, "queue": 0.1},
+    }
+    overload = {
+        "mode": "open",
+        "offered_per_s": 28.0,
+        "latency_ms": {"p99": 1900.0},
+        "rejected_latency_ms": {"p50": 2000.0},
+        "accepted_fraction": 0.5,
+        "statuses": {"200": 10, "504": 10},
+    }
+    report: dict[str, Any] = {
+        "raw_best_images_per_s": 15.0,
+        "raw": {
+            "onnx fp32": {"runs": [{"batch_latency_ms": {"p50": 65.0}}]},
+            "onnx int8": {
+                "speedup_vs_fp32": 1.7,
+                "agreement": {"embedding_min_cosine": 0.9997},
+                "runs": [],
+            },
+        },
+        "servers": {
+            "hiera-serve": {"runs": [closed16, closed1, overload]},
+            "plain FastAPI": {"runs": [{"images_per_s": 13.0}]},
+        },
+        "settings": {"deadline_s": 2.0},
+    }
+    report.update(changes)
+    return report
+
+
+def test_targets_are_judged_from_the_numbers() -> None:
+    met = {t["name"]: t["met"] for t in targets(_report())}
+    assert met == {
+        "saturation >= 0.93x raw best batch": True,  # 14 / 15 = 0.933
+        "hiera-serve >= plain app at 16 clients": True,  # 14 vs 13
+        "1-client p50 <= raw b1 + decode + preprocess + 2 ms": True,  # 70 <= 65 + 4 + 2
+        "open loop 28.0/s: answered p99 <= deadline, excess rejected": True,
+        "onnx int8: >= 1.8x fp32, embedding cosine >= 0.999": False,  # 1.7x
+    }
+    slower = _report(raw_best_images_per_s=15.1)  # 14 / 15.1 = 0.927
+    assert not targets(slower)[0]["met"]

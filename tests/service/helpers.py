@@ -62,6 +62,8 @@ def repository_settings(repository: Path, **overrides: Any) -> Settings:
         "max_delay_ms": 20.0,
         "decode_threads": 2,
         "log_format": "text",
+        # Batches up to max_batch_size, as the tests expect; the timed cap has its own tests.
+        "batch_cap_from_warmup": False,
     }
     return Settings(**(values | overrides))
 

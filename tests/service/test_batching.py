@@ -148,7 +148,14 @@ def make(
     model: FakeModel, obs: RecordingObserver | None = None, **kwargs: Any
 ) -> tuple[DynamicBatcher, list[BaseException]]:
     errors: list[BaseException] = []
-    opts: dict[str, Any] = {"max_batch_size": 8, "max_delay_ms": 5, "max_queue_size": 100}
+    # These tests exercise the window itself, so it applies even with every instance idle;
+    # the default (dispatch at once when idle) has its own tests below.
+    opts: dict[str, Any] = {
+        "max_batch_size": 8,
+        "max_delay_ms": 5,
+        "max_queue_size": 100,
+        "wait_when_idle": True,
+    }
     opts.update(kwargs)
     batcher = DynamicBatcher(model, observer=obs, on_error=errors.append, **opts)
     return batcher, errors
@@ -322,6 +329,61 @@ async def test_delay_counts_from_first_enqueue_not_from_pickup() -> None:
     await batcher.close()
 
 
+async def test_idle_instance_takes_a_lone_request_at_once() -> None:
+    clock = FakeClock()  # frozen: only dispatching without the window can finish in time
+    model = FakeModel()
+    obs = RecordingObserver()
+    batcher, _ = make(model, obs, max_delay_ms=10_000, clock=clock, wait_when_idle=False)
+    await batcher.start()
+    async with asyncio.timeout(2):
+        result = await batcher.submit(make_item(0))
+    assert result.batch_size == 1 and result.queue_seconds == 0.0
+    assert obs.dispatched == [1]
+    await batcher.close()
+
+
+async def test_window_applies_while_another_batch_runs() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    obs = RecordingObserver()
+    batcher, _ = make(
+        model, obs, max_batch_size=4, max_delay_ms=10_000, clock=clock, concurrency=2,
+        wait_when_idle=False,
+    )  # fmt: skip
+    await batcher.start()
+    first = submit_all(batcher, [make_item(0)])  # both instances idle: goes at once
+    await model.until(lambda: model.active == 1)
+    late = submit_all(batcher, [make_item(1), make_item(2)])
+    await obs.until(lambda: obs.depth == 2)
+    # One instance is free but another batch runs: the two wait for company, not dispatch.
+    assert model.active == 1 and batcher.queue_depth == 2
+    late.extend(submit_all(batcher, [make_item(3), make_item(4)]))  # fills a batch of 4
+    await model.until(lambda: model.active == 2)
+    model.gate.set()
+    results = await asyncio.gather(*first, *late)
+    assert [r.batch_size for r in results] == [1, 4, 4, 4, 4]
+    await batcher.close()
+
+
+async def test_busy_single_instance_batches_what_queued_meanwhile() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    obs = RecordingObserver()
+    batcher, _ = make(model, obs, max_delay_ms=10_000, clock=clock, wait_when_idle=False)
+    await batcher.start()
+    first = submit_all(batcher, [make_item(0)])
+    await model.until(lambda: model.active == 1)
+    late = submit_all(batcher, [make_item(i) for i in range(1, 4)])
+    await obs.until(lambda: obs.depth == 3)
+    model.gate.set()
+    # The instance is idle again once the first batch ends: the three go together at once
+    # (the frozen clock would hold them forever if the window applied).
+    async with asyncio.timeout(2):
+        results = await asyncio.gather(*first, *late)
+    assert [r.batch_size for r in results] == [1, 3, 3, 3]
+    await batcher.close()
+
+
 # -- 5. batches go to the next free instance; new batches form only when one is free --------
 
 
@@ -422,6 +484,49 @@ async def test_expired_item_is_resolved_at_batch_formation_and_never_inferred() 
     await busy
     assert obs.drops == ["deadline"]
     assert not model.saw(late_item)
+    await batcher.close()
+
+
+async def test_item_that_cannot_finish_in_time_is_not_sent_to_the_model() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    obs = RecordingObserver()
+    # Batches of 1, so two queued items are more than one batch: the service is overloaded.
+    batcher, _ = make(model, obs, max_batch_size=1, max_delay_ms=0, clock=clock)
+    await batcher.start()
+    busy = asyncio.create_task(batcher.submit(make_item(0)))
+    await model.until(lambda: model.active == 1)
+    hopeless, fine = make_item(1), make_item(2)
+    # Queued while the first batch runs; that batch will have taken 1 s (fake clock).
+    short = asyncio.create_task(batcher.submit(hopeless, deadline=clock.now + 1.5))
+    long = asyncio.create_task(batcher.submit(fine, deadline=clock.now + 5.0))
+    await obs.until(lambda: obs.depth == 2)
+    clock.now += 1.0
+    model.gate.set()
+    await busy
+    # 0.5 s left is less than a batch takes: dropped now, not computed and thrown away.
+    with pytest.raises(DeadlineExceeded, match="would pass before the model finishes"):
+        async with asyncio.timeout(2):
+            await short
+    assert (await long).batch_size == 1
+    assert obs.drops == ["deadline"] and not model.saw(hopeless) and model.saw(fine)
+    await batcher.close()
+
+
+async def test_light_load_is_tried_even_when_a_batch_was_slow() -> None:
+    clock = FakeClock()
+    model = FakeModel(gated=True)
+    batcher, _ = make(model, max_batch_size=4, max_delay_ms=0, clock=clock)
+    await batcher.start()
+    slow = asyncio.create_task(batcher.submit(make_item(0)))
+    await model.until(lambda: model.active == 1)
+    clock.now += 10.0  # one pathological 10 s batch
+    model.gate.set()
+    await slow
+    # Alone in the queue, it gets its chance although the estimate says it would miss.
+    async with asyncio.timeout(2):
+        result = await batcher.submit(make_item(1), deadline=clock.now + 1.0)
+    assert result.batch_size == 1
     await batcher.close()
 
 

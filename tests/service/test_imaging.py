@@ -562,9 +562,16 @@ def test_draft_decodes_large_jpeg_at_reduced_scale(large_jpeg: bytes) -> None:
     assert min(drafted.image.size) >= target
 
 
+def test_decode_and_preprocess_is_exact_unless_draft_is_asked_for(large_jpeg: bytes) -> None:
+    pp = make_pp()
+    exact, decoded = decode_and_preprocess(large_jpeg, pp, max_pixels=MAX_PIXELS)
+    assert decoded.image.size == (3000, 2000)
+    np.testing.assert_array_equal(exact, preprocess(decode(large_jpeg).image, pp))
+
+
 def test_draft_output_stays_close_to_full_decode(large_jpeg: bytes) -> None:
     pp = make_pp()
-    drafted, decoded = decode_and_preprocess(large_jpeg, pp, max_pixels=MAX_PIXELS)
+    drafted, decoded = decode_and_preprocess(large_jpeg, pp, max_pixels=MAX_PIXELS, draft=True)
     assert decoded.image.size == (375, 250)
     full = preprocess(decode(large_jpeg).image, pp)
     diff = np.abs(drafted - full)
@@ -603,7 +610,7 @@ def test_decode_and_preprocess_small_image_matches_timm() -> None:
 
 def test_draft_keeps_both_sides_for_non_square_input(large_jpeg: bytes) -> None:
     pp = make_pp(input_size=(192, 256))  # timm resize target (h, w) = (213, 284)
-    out, decoded = decode_and_preprocess(large_jpeg, pp, max_pixels=MAX_PIXELS)
+    out, decoded = decode_and_preprocess(large_jpeg, pp, max_pixels=MAX_PIXELS, draft=True)
     assert decoded.image.size == (375, 250)  # 1/8 scale still covers 284 x 213
     full = preprocess(decode(large_jpeg).image, pp)
     assert out.shape == (3, 192, 256)

@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -850,3 +851,16 @@ async def test_a_failing_warm_up_fails_start_and_closes_that_instance_too() -> N
 async def test_start_without_factories_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least one instance"):
         await RuntimePool.start([], inputs=INPUTS, max_batch_size=1)
+
+
+def test_batch_cap_is_the_smallest_size_near_the_best_time_per_image() -> None:
+    from service.runtime.pool import RuntimePool
+
+    instance = cast(Any, object())
+    gpu_like = RuntimePool([instance], {1: 1.0, 2: 0.55, 4: 0.3, 8: 0.2})
+    assert gpu_like.batch_cap(8) == 8  # batching pays all the way
+    flat_cpu = RuntimePool([instance], {1: 0.0625, 2: 0.0630, 4: 0.0640, 8: 0.0700})
+    assert flat_cpu.batch_cap(8) == 1  # 2 and 4 are within 5% of 1, but 1 is smallest
+    knee = RuntimePool([instance], {1: 0.100, 2: 0.060, 4: 0.0500, 8: 0.0490})
+    assert knee.batch_cap(8) == 4  # 0.050 <= 0.049 * 1.05; 0.060 is not
+    assert RuntimePool([instance]).batch_cap(8) == 8  # not timed: the configured maximum

@@ -237,7 +237,7 @@ def test_max_batch_size_zero_from_env_is_rejected(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("backend", "tensorflow"), ("device", "tpu"), ("precision", "int8")]
+    ("field", "value"), [("backend", "tensorflow"), ("device", "tpu"), ("precision", "int4")]
 )
 def test_unknown_choices_are_rejected(field: str, value: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -337,3 +337,17 @@ def test_serve_main_serves_a_valid_configuration_and_returns_0(
     (config,) = configs
     assert (config.host, config.port) == ("0.0.0.0", 8123)
     assert config.timeout_graceful_shutdown == 12
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"), [("torchscript", "cpu"), ("eager", "auto"), ("onnx", "cuda")]
+)
+def test_int8_is_onnx_on_the_cpu_only(backend: str, device: str) -> None:
+    with pytest.raises(ValidationError, match="precision int8 is the quantized ONNX artifact"):
+        Settings(weights="random", backend=backend, device=device, precision="int8")
+
+
+def test_int8_onnx_cpu_is_accepted() -> None:
+    assert Settings(weights="random", backend="onnx", device="cpu", precision="int8").precision == (
+        "int8"
+    )

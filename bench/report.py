@@ -1,0 +1,160 @@
+"""Turn a `hiera-bench` report into a Markdown table and PNG plots people can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _ms(lat: dict[str, float] | None, key: str) -> str:
+    return "—" if lat is None else f"{lat[key]:.0f}"
+
+
+def _stages(run: dict[str, Any]) -> str:
+    stages = run.get("stages_ms")
+    if not stages:
+        return "—"
+    return ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Return the report's tables as Markdown."""
+    m = report["machine"]
+    lines = [
+        f"`{report['model']}`, {m['cpu']} ({m['cpus']} cores), load average "
+        f"{m['load_before'][0]:.1f} before / {m['load_after'][0]:.1f} after, "
+        f"{report['settings']['seconds']:.0f} s per point, {report['created_at']}",
+        "",
+        "| raw runtime | " + " | ".join(f"b{b} img/s" for b in report["batch_sizes"])
+        + " | best | vs fp32 | embedding cosine vs fp32 (min / mean) | top-1 agreement |",
+        "|---|" + "---|" * len(report["batch_sizes"]) + "---|---|---|---|",
+    ]  # fmt: skip
+    for label, raw in report["raw"].items():
+        rates = " | ".join(f"{r['images_per_s']:.1f}" for r in raw["runs"])
+        agree = raw.get("agreement")
+        cos = top1 = "—"
+        if agree:
+            cos = f"{agree['embedding_min_cosine']:.5f} / {agree['embedding_mean_cosine']:.5f}"
+            top1 = f"{agree['top1_agreement']:.2f}"
+        lines.append(
+            f"| {label} | {rates} | {raw['best_images_per_s']:.1f} | "
+            f"{raw['speedup_vs_fp32']:.2f}x | {cos} | {top1} |"
+        )
+    batching = report["servers"].get("hiera-serve", {}).get("batching")
+    if batching:
+        lines += [
+            "",
+            f"hiera-serve warm-up, ms per image by batch size: "
+            f"{batching['ms_per_image_by_batch_size']} -> batch cap {batching['batch_cap']} "
+            f"(--max-batch-size {batching['max_batch_size']})",
+        ]
+    lines += [
+        "",
+        "| server | load | img/s | / raw best | p50 ms | p95 ms | p99 ms | statuses | "
+        "mean batch | server stages, mean ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    best = report["raw_best_images_per_s"]
+    for name, server in report["servers"].items():
+        for run in server["runs"]:
+            load = (
+                f"{run['concurrency']} clients"
+                if run["mode"] == "closed"
+                else f"open {run['offered_per_s']:.1f}/s"
+            )
+            batch = run.get("mean_batch_size")
+            lines.append(
+                f"| {name} | {load} | {run['images_per_s']:.1f} | "
+                f"{run['images_per_s'] / best:.2f} | {_ms(run['latency_ms'], 'p50')} | "
+                f"{_ms(run['latency_ms'], 'p95')} | {_ms(run['latency_ms'], 'p99')} | "
+                f"{run['statuses']} | {'—' if batch is None else f'{batch:.2f}'} | "
+                f"{_stages(run)} |"
+            )
+    if report.get("jpeg_draft"):
+        lines += [
+            "",
+            "| JPEG size | decode+crop exact ms | with --jpeg-draft ms | speed-up | input diff "
+            "mean / max | embedding cosine min / mean | top-5 overlap |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in report["jpeg_draft"]:
+            lines.append(
+                f"| {d['size']} ({d['photos']} photos) | {d['exact_ms']:.1f} | "
+                f"{d['draft_ms']:.1f} | {d['speedup']:.2f}x | {d['input_mean_abs_diff']:.3f} / "
+                f"{d['input_max_abs_diff']:.2f} | {d['embedding_min_cosine']:.5f} / "
+                f"{d['embedding_mean_cosine']:.5f} | {d['top5_overlap']:.2f} |"
+            )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for target in report["targets"]:
+        lines.append(
+            f"| {target['name']} | {target['measured']} | {'yes' if target['met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Draw latency vs offered load and throughput vs batch size; return the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, s = report["machine"], report["settings"]
+    caption = (
+        f"{report['model']} | {m['cpu']}, {m['cpus']} cores, load avg "
+        f"{m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after | onnxruntime "
+        f"{m['versions'].get('onnxruntime', '?')}, torch {m['versions'].get('torch', '?')}\n"
+        f"hiera-serve --max-batch-size "
+        f"{s['max_batch_size']} --max-delay-ms {s['max_delay_ms']:g} --request-timeout-s "
+        f"{s['deadline_s']:g} | {report['created_at']}"
+    )
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (name, server), color in zip(report["servers"].items(), ("C0", "C1"), strict=False):
+        runs = sorted(
+            (r for r in server["runs"] if r["mode"] == "open"), key=lambda r: r["offered_per_s"]
+        )
+        rates = [r["offered_per_s"] for r in runs]
+        for key, style in (("p50", "-"), ("p99", "--")):
+            values = [r["latency_ms"][key] if r["latency_ms"] else float("nan") for r in runs]
+            ax.plot(rates, values, style, marker="o", color=color, label=f"{name} {key}")
+        for rate, r in zip(rates, runs, strict=True):
+            if r["accepted_fraction"] < 0.999:
+                ax.annotate(
+                    f"{100 * (1 - r['accepted_fraction']):.0f}% rejected",
+                    (rate, r["latency_ms"]["p99"] if r["latency_ms"] else 0),
+                    textcoords="offset points",
+                    xytext=(-10, 8),
+                    fontsize=8,
+                    color=color,
+                )
+    ax.axhline(1e3 * s["deadline_s"], color="grey", lw=0.8, ls=":", label="hiera-serve deadline")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load, requests/s (Poisson arrivals, one 500x375 JPEG each)")
+    ax.set_ylabel("latency of answered requests, ms")
+    ax.set_title("Latency vs offered load (open loop)")
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    paths.append(out / f"{stem}-latency.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, raw in report["raw"].items():
+        sizes = [r["batch_size"] for r in raw["runs"]]
+        ax.plot(sizes, [r["images_per_s"] for r in raw["runs"]], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(report["batch_sizes"], [str(b) for b in report["batch_sizes"]])
+    ax.set_xlabel("batch size (raw runtime, no HTTP)")
+    ax.set_ylabel("images/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput vs batch size, per backend and precision")
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    paths.append(out / f"{stem}-throughput.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,102 @@
+"""Serving the int8 artifact, and exact vs reduced-scale JPEG decode, through the API."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.artifacts import ModelRepository
+from model.export import export_repository
+from model.hiera import BuiltModel
+from service.app import create_app
+from service.imaging import decode_and_preprocess
+from tests.service.helpers import (
+    MICRO_PP,
+    make_image,
+    reference,
+    repository_settings,
+    running,
+    serving,
+)
+
+
+@pytest.fixture(scope="module")
+def int8_repository(tmp_path_factory: pytest.TempPathFactory, micro_model: BuiltModel) -> Path:
+    root = tmp_path_factory.mktemp("int8_repository")
+    return export_repository(micro_model, root, formats=("onnx_int8",))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a64 @ b64 / np.linalg.norm(a64) / np.linalg.norm(b64))
+
+
+async def test_int8_serves_the_quantized_artifact_and_shows_its_agreement(
+    int8_repository: Path, micro_model: BuiltModel
+) -> None:
+    data = make_image(5)
+    _, want = reference(micro_model, data)
+    async with serving(int8_repository, precision="int8") as client:
+        response = await client.post(
+            "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert response.status_code == 200, response.text
+    got = np.asarray(response.json()["embedding"])
+    assert _cosine(got, want) >= 0.999
+    assert np.abs(got - want).max() > 1e-4  # not the fp32 graph: int8 moves every value a bit
+    manifest = ModelRepository.load(int8_repository).manifest
+    assert models["precision"] == "int8" and models["artifact"] == "model.int8.onnx"
+    assert models["agreement"] == manifest.artifacts["onnx_int8"].agreement.model_dump()  # type: ignore[union-attr]
+
+
+async def test_fp32_reports_its_artifact_and_no_agreement(int8_repository: Path) -> None:
+    async with serving(int8_repository) as client:
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert models["precision"] == "fp32" and models["artifact"] == "model.onnx"
+    assert models["agreement"] is None
+
+
+def _noisy_jpeg(width: int, height: int) -> bytes:
+    pixels = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("draft", [False, True])
+async def test_jpeg_decode_is_exact_unless_draft_is_set(
+    micro_repository: Path, micro_model: BuiltModel, draft: bool
+) -> None:
+    data = _noisy_jpeg(1600, 1200)  # 1/4-scale draftable for a 248 px resize
+    exact, _ = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8)
+    drafted, decoded = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8, draft=True)
+    assert decoded.image.size == (400, 300)
+    assert np.abs(exact - drafted).mean() > 0.05  # the two paths really differ on this image
+    with torch.inference_mode():
+        _, want = micro_model.module(torch.from_numpy(drafted if draft else exact)[None])
+    async with serving(micro_repository, jpeg_draft=draft) as client:
+        response = await client.post(
+            "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embedding"], want[0].numpy(), rtol=0, atol=1e-4)
+
+
+async def test_warm_up_times_batch_sizes_and_caps_batches(micro_repository: Path) -> None:
+    settings = repository_settings(micro_repository, batch_cap_from_warmup=True, max_batch_size=4)
+    app = create_app(settings)
+    async with running(app) as client:
+        batching = (await client.get("/v1/models")).json()["models"][0]["batching"]
+        timed = dict(app.state.service.pool.per_image_seconds)
+    assert sorted(timed) == [1, 2, 4] and all(t > 0 for t in timed.values())
+    best = min(timed.values())
+    assert batching["batch_cap"] == min(s for s, t in timed.items() if t <= best * 1.05)
+    assert batching["ms_per_image_by_batch_size"] == {
+        str(s): round(1e3 * t, 3) for s, t in timed.items()
+    }
