@@ -25,16 +25,23 @@ log = logging.getLogger(__name__)
 FatalCallback = Callable[[BaseException], None]
 
 
-def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    on_fatal: FatalCallback | None = None,
+    on_broken: FatalCallback | None = None,
+) -> FastAPI:
     """Build the FastAPI app; the model loads in the background once the server starts.
 
     `on_fatal` is called if loading fails (the CLI uses it to exit non-zero); readiness stays
     false either way, so an orchestrator never routes traffic to a server without a model.
+    `on_broken` is called once if the loaded runtime breaks for good (a worker exits on it, so
+    the supervisor restarts it); liveness fails either way.
     """
     # The *_created series double /metrics for no dashboard use; process-wide, set per app.
     disable_created_metrics()
     metrics = Metrics(workers=settings.workers)
-    service = InferenceService(settings, metrics)
+    service = InferenceService(settings, metrics, on_broken=on_broken)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

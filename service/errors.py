@@ -65,7 +65,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(_IMAGE_STATUS.get(type(exc), 400), exc.code, str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(429, exc.code, "the server is at capacity; retry shortly",
-                        {"Retry-After": "1"})  # fmt: skip
+                        {"Retry-After": str(exc.retry_after_s)})  # fmt: skip
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, exc.code, "the request did not finish within its deadline")
     if isinstance(exc, BatcherClosed):

@@ -87,6 +87,18 @@ class Settings(BaseSettings):
         30.0, gt=0, description="per-request deadline; requests past it get 504"
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads decoding images")
+    max_consecutive_failures: int = Field(
+        3,
+        ge=1,
+        description="batches failing in a row before the runtime counts as broken (readiness "
+        "and liveness then fail); one failed batch fails only its own requests",
+    )
+    batch_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="watchdog: a batch running longer breaks the runtime (readiness and "
+        "liveness fail); 0 = off",
+    )
 
     # Input limits.
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")

@@ -13,8 +13,13 @@ from service.responses import JSONResponse
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health/live", summary="200 while the process runs")
-async def live() -> JSONResponse:
+@router.get("/health/live", summary="200 unless the model runtime is broken for good; 503 then")
+async def live(request: Request) -> JSONResponse:
+    service: InferenceService = request.app.state.service
+    if service.broken:
+        # Restarting is the only cure for a hung or persistently failing runtime.
+        body = {"status": "broken", "reason": service.reason}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "alive"})
 
 
