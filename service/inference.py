@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -111,9 +111,7 @@ class InferenceService:
     @property
     def broken(self) -> bool:
         """Return whether the runtime is broken for good (liveness fails, restart the pod)."""
-        return self.health.broken is not None or (
-            self.state == "failed" and self.card is not None
-        )
+        return self.health.broken is not None or (self.state == "failed" and self.card is not None)
 
     @property
     def ready(self) -> bool:

@@ -247,7 +247,7 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     _exit_with_parent(os.getppid())
     sock = bind_socket(settings.host, settings.port, listen=True)
-    return LOAD_FAILED if serve(settings, sock) else 0
+    return LOAD_FAILED if serve(settings, sock, exit_when_broken=True) else 0
 
 
 def _exit_with_parent(parent: int) -> None:

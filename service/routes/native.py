@@ -225,9 +225,12 @@ async def _batch(
         request, field=BATCH_FIELD, max_images=service.settings.max_images_per_request
     )
 
+    # The whole request is admitted or refused (429) before any of its images is decoded.
+    ticket = service.admit(len(images))
+
     async def one(index: int, data: bytes) -> dict[str, Any]:
         try:
-            outcome = await service.predict(data, endpoint, deadline)
+            outcome = await service.predict(data, endpoint, deadline, ticket=ticket)
             return {"index": index, "result": _answer(service, endpoint, outcome, render)}
         except Exception as exc:  # one bad image fails only its own entry
             error = to_api_error(exc)
@@ -236,6 +239,9 @@ async def _batch(
             service.metrics.failures.labels(reason=error.code).inc()
             return {"index": index, **error_body(error)}
 
-    results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+    try:
+        results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+    finally:
+        ticket.release_all()
     name = service.card.name if service.card else None
     return JSONResponse({"model": name, "results": results})

@@ -129,7 +129,7 @@ class RuntimePool:
         closing = asyncio.ensure_future(asyncio.to_thread(_close_all, self.instances))
         done, _ = await asyncio.wait([closing], timeout=timeout)
         if not done:
-            log.error("a model instance is still running a batch after %s s; abandoning it", timeout)
+            log.error("an instance still runs a batch after %s s; abandoning it", timeout)
             return False
         closing.result()
         return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from service.app import create_app
 from service.runtime.base import Backend
-from tests.service.helpers import make_image, repository_settings, running, sample
+from tests.service.helpers import make_image, repository_settings, running, sample, wait_until
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -99,10 +98,12 @@ async def test_a_success_resets_the_failure_streak(micro_repository: Path) -> No
     app = create_app(repository_settings(micro_repository, max_consecutive_failures=2))
     async with running(app) as client:
         backend = _wrap(app, Faulty, 1)
-        codes = [(await client.post("/v1/embed", content=make_image(0), headers=JPEG)).status_code]
-        codes.append((await client.post("/v1/embed", content=make_image(1), headers=JPEG)).status_code)
-        backend.fail_next = 1  # type: ignore[attr-defined]
-        codes.append((await client.post("/v1/embed", content=make_image(2), headers=JPEG)).status_code)
+        codes = []
+        for seed in range(3):
+            if seed == 2:
+                backend.fail_next = 1  # type: ignore[attr-defined]
+            answer = await client.post("/v1/embed", content=make_image(seed), headers=JPEG)
+            codes.append(answer.status_code)
         live = await client.get("/health/live")
     assert codes == [500, 200, 500]
     assert live.status_code == 200  # 1 + 1 failures, never 2 in a row
@@ -117,15 +118,15 @@ async def test_hung_batch_trips_the_watchdog(micro_repository: Path) -> None:
         hang = _wrap(app, Hanging)
         before = await client.get("/health/ready")
         late = await client.post("/v1/embed", content=make_image(0), headers=JPEG)
-        async with asyncio.timeout(5):
-            while (await client.get("/health/live")).status_code == 200:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: app.state.service.broken, within_s=5)
+        live = await client.get("/health/live")
         ready = await client.get("/health/ready")
         started = time.monotonic()
     # Leaving `running` closed the service while the batch still hangs.
     shutdown_s = time.monotonic() - started
     hang.release.set()  # type: ignore[attr-defined]
     assert before.status_code == 200
+    assert live.status_code == 503
     assert late.status_code == 504
     assert ready.status_code == 503 and "batch_timeout_s" in ready.json()["reason"]
     assert app.state.service.abandoned_threads
