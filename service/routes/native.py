@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.disconnect import until_disconnect
 from service.errors import ApiError, error_body, to_api_error
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize, top_k
@@ -25,6 +26,7 @@ from service.uploads import BATCH_FIELD, SINGLE_FIELD, read_images
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"])
+T = TypeVar("T")
 
 
 async def get_service(request: Request) -> InferenceService:
@@ -211,7 +213,7 @@ async def _single(
 ) -> JSONResponse:
     deadline = _deadline(service)
     (data,) = await read_images(request, field=SINGLE_FIELD, max_images=1)
-    outcome = await service.predict(data, endpoint, deadline)
+    outcome = await until_disconnect(request, service.predict(data, endpoint, deadline))
     card = service.card
     assert card is not None
     return JSONResponse({"model": card.name, **_answer(service, endpoint, outcome, render)})
@@ -240,8 +242,13 @@ async def _batch(
             return {"index": index, **error_body(error)}
 
     try:
-        results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+        work = asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+        results = await until_disconnect(request, _awaited(work))
     finally:
         ticket.release_all()
     name = service.card.name if service.card else None
     return JSONResponse({"model": name, "results": results})
+
+
+async def _awaited(future: Awaitable[T]) -> T:
+    return await future
