@@ -18,9 +18,11 @@ from service.batching import (
 )
 from service.imaging import (
     CorruptImage,
+    DegenerateImage,
     EmptyImage,
     ImageError,
     ImageTooLarge,
+    TruncatedImage,
     UnsupportedFormat,
 )
 from service.logs import request_id_var
@@ -54,6 +56,8 @@ _IMAGE_STATUS: dict[type[ImageError], int] = {
     CorruptImage: 400,
     UnsupportedFormat: 415,
     ImageTooLarge: 413,
+    TruncatedImage: 400,
+    DegenerateImage: 422,
 }
 
 
