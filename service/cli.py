@@ -41,7 +41,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(
-    settings: Settings, sock: socket.socket | None = None, *, exit_when_broken: bool = False
+    settings: Settings,
+    sock: socket.socket | None = None,
+    *,
+    exit_when_broken: bool = False,
+    metrics_listener: bool = True,
 ) -> bool:
     """Run one server process until SIGINT/SIGTERM; return True if the model failed to load.
 
@@ -69,7 +73,12 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal, on_broken=on_broken if exit_when_broken else None)
+    app = create_app(
+        settings,
+        on_fatal=on_fatal,
+        on_broken=on_broken if exit_when_broken else None,
+        metrics_listener=metrics_listener,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -11,6 +11,8 @@ from service.inference import InferenceService
 from service.responses import JSONResponse
 
 router = APIRouter(tags=["operations"])
+# Separate, so `--metrics-port` can leave it off the API port.
+metrics_router = APIRouter(tags=["operations"])
 
 
 @router.get("/health/live", summary="200 unless the model runtime is broken for good; 503 then")
@@ -41,7 +43,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@metrics_router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
