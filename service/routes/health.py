@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.inference import InferenceService
@@ -43,7 +44,12 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@metrics_router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@metrics_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,  # documents text/plain, not the default JSON
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
