@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import disable_created_metrics
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import disable_created_metrics, start_http_server
 
+from service.auth import ApiKeyMiddleware, load_keys
 from service.errors import install_handlers
 from service.inference import InferenceService
 from service.metrics import Metrics
@@ -25,23 +27,40 @@ log = logging.getLogger(__name__)
 FatalCallback = Callable[[BaseException], None]
 
 
-def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    on_fatal: FatalCallback | None = None,
+    on_broken: FatalCallback | None = None,
+    metrics_listener: bool = True,
+) -> FastAPI:
     """Build the FastAPI app; the model loads in the background once the server starts.
 
     `on_fatal` is called if loading fails (the CLI uses it to exit non-zero); readiness stays
     false either way, so an orchestrator never routes traffic to a server without a model.
+    `on_broken` is called once if the loaded runtime breaks for good (a worker exits on it, so
+    the supervisor restarts it); liveness fails either way. With `settings.metrics_port` set,
+    `metrics_listener` says whether this process serves that port (one worker of several does).
     """
     # The *_created series double /metrics for no dashboard use; process-wide, set per app.
     disable_created_metrics()
     metrics = Metrics(workers=settings.workers)
-    service = InferenceService(settings, metrics)
+    service = InferenceService(settings, metrics, on_broken=on_broken)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(service, on_fatal), name="hiera-load")
+        listener = None
+        if settings.metrics_port is not None and metrics_listener:
+            listener = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=metrics.registry
+            )
         try:
             yield
         finally:
+            if listener is not None:
+                listener[0].shutdown()
+                listener[0].server_close()
             if not loader.done():
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -54,11 +73,28 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        # Off, the schema and the UIs are simply not routed (404).
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
         **_no_native_telemetry(),
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
+    # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
+    # a preflight and a 401 both carry CORS headers, and a 401 carries a request id).
+    keys = load_keys((k.get_secret_value() for k in settings.api_keys), settings.api_keys_file)
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
     )
@@ -67,6 +103,8 @@ def create_app(settings: Settings, *, on_fatal: FatalCallback | None = None) -> 
     app.include_router(health.router)
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
+    if settings.metrics_port is None:
+        app.include_router(health.metrics_router)
     return app
 
 

@@ -54,9 +54,13 @@ class BatcherError(Exception):
 
 
 class QueueFull(BatcherError):
-    """Reject a request because ``max_queue_size`` requests are already waiting."""
+    """Reject a request because the service is at capacity; ``retry_after_s`` is a hint."""
 
     code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(BatcherError):
@@ -145,6 +149,7 @@ class DynamicBatcher:
         concurrency: int = 1,
         observer: BatchObserver | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        on_batch_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         collate: CollateFn = np.stack,
         wait_when_idle: bool = False,
@@ -168,6 +173,9 @@ class DynamicBatcher:
         self._max_queue_size = max_queue_size
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         self._on_error = on_error
+        # One failed batch fails its own requests; the caller decides when failures add up to
+        # a broken runtime. Without this hook every failure goes to on_error.
+        self._on_batch_error = on_batch_error
         self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -373,7 +381,7 @@ class DynamicBatcher:
                 _check_outputs(logits, embedding, size)
             except Exception as exc:
                 elapsed = self._clock() - started
-                self._report_error(exc)
+                self._report_batch_error(exc)
                 for p in batch:
                     _fail(p, _chained(InferenceFailed(f"inference failed: {exc!r}"), exc))
                 self._observe(self._observer.batch_done, size, elapsed, False)
@@ -440,6 +448,15 @@ class DynamicBatcher:
                     self._observe(self._observer.dropped, "closed")
         if queued:
             self._observe(self._observer.queue_depth, 0)
+
+    def _report_batch_error(self, exc: BaseException) -> None:
+        if self._on_batch_error is None:
+            self._report_error(exc)
+            return
+        try:
+            self._on_batch_error(exc)
+        except Exception:
+            logger.exception("on_batch_error callback raised")
 
     def _report_error(self, exc: BaseException) -> None:
         if self._on_error is None:

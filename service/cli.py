@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import signal
 import socket
 import sys
@@ -13,6 +15,8 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.settings import Settings
+
+RUNTIME_BROKEN = 4  # exit status of a process whose model runtime broke after loading
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -36,10 +40,19 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     return 1 if serve(settings) else 0
 
 
-def serve(settings: Settings, sock: socket.socket | None = None) -> bool:
+def serve(
+    settings: Settings,
+    sock: socket.socket | None = None,
+    *,
+    exit_when_broken: bool = False,
+    metrics_listener: bool = True,
+) -> bool:
     """Run one server process until SIGINT/SIGTERM; return True if the model failed to load.
 
     Without `sock` uvicorn binds `settings.host:port` itself; a worker passes its own socket.
+    With `exit_when_broken` (a worker under the supervisor) a runtime that breaks for good ends
+    the process with RUNTIME_BROKEN, so the supervisor restarts it; alone, the process stays up
+    with liveness failing, for the orchestrator to restart.
     """
     import uvicorn
 
@@ -48,12 +61,24 @@ def serve(settings: Settings, sock: socket.socket | None = None) -> bool:
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
+    broken: list[BaseException] = []
+
     def on_fatal(exc: BaseException) -> None:
         failed.append(exc)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    def on_broken(exc: BaseException) -> None:
+        broken.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(
+        settings,
+        on_fatal=on_fatal,
+        on_broken=on_broken if exit_when_broken else None,
+        metrics_listener=metrics_listener,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -76,6 +101,11 @@ def serve(settings: Settings, sock: socket.socket | None = None) -> bool:
     gc.collect()
     gc.freeze()
     server.run(sockets=None if sock is None else [sock])
+    status = RUNTIME_BROKEN if broken else (1 if failed else 0)
+    if app.state.service.abandoned_threads or broken:
+        # A hung model thread would be joined at interpreter exit, for as long as it hangs.
+        logging.shutdown()
+        os._exit(status)
     return bool(failed)
 
 

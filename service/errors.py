@@ -19,9 +19,11 @@ from service.batching import (
 )
 from service.imaging import (
     CorruptImage,
+    DegenerateImage,
     EmptyImage,
     ImageError,
     ImageTooLarge,
+    TruncatedImage,
     UnsupportedFormat,
 )
 from service.logs import request_id_var
@@ -55,6 +57,8 @@ _IMAGE_STATUS: dict[type[ImageError], int] = {
     CorruptImage: 400,
     UnsupportedFormat: 415,
     ImageTooLarge: 413,
+    TruncatedImage: 400,
+    DegenerateImage: 422,
 }
 
 
@@ -66,7 +70,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(_IMAGE_STATUS.get(type(exc), 400), exc.code, str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(429, exc.code, "the server is at capacity; retry shortly",
-                        {"Retry-After": "1"})  # fmt: skip
+                        {"Retry-After": str(exc.retry_after_s)})  # fmt: skip
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, exc.code, "the request did not finish within its deadline")
     if isinstance(exc, BatcherClosed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +19,7 @@ from model.export import ExportError
 from model.hiera import WeightsUnavailable
 from model.variants import UnknownVariant
 from service import imaging
+from service.admission import Admission, Ticket
 from service.batching import BatchResult, DynamicBatcher
 from service.decode_batcher import DecodeBatcher
 from service.errors import ApiError, NotReady
@@ -27,6 +29,7 @@ from service.runtime.base import BackendError
 from service.runtime.devices import cuda_uuids
 from service.runtime.loader import ModelCard, plan
 from service.runtime.pool import InputSpec, RuntimePool
+from service.runtime_health import RuntimeBroken, RuntimeHealth
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,12 @@ class InferenceService:
     """
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, *, decode_on: str | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        decode_on: str | None = None,
+        on_broken: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -92,6 +100,21 @@ class InferenceService:
         self._decoder = ThreadPoolExecutor(settings.decode_threads, "hiera-decode")
         self._device_decoder: DecodeBatcher | None = None
         self.loaded = asyncio.Event()  # set when loading ends, successfully or not
+        self.admission: Admission | None = None
+        self.health = RuntimeHealth(
+            max_consecutive_failures=settings.max_consecutive_failures,
+            batch_timeout_s=settings.batch_timeout_s,
+            on_broken=self._runtime_broken,
+        )
+        self._on_broken = on_broken
+        # True once shutdown had to leave a hung model thread behind: the process must then
+        # exit without joining it.
+        self.abandoned_threads = False
+
+    @property
+    def broken(self) -> bool:
+        """Return whether the runtime is broken for good (liveness fails, restart the pod)."""
+        return self.health.broken is not None or (self.state == "failed" and self.card is not None)
 
     @property
     def ready(self) -> bool:
@@ -122,11 +145,18 @@ class InferenceService:
                 max_delay_ms=self.settings.max_delay_ms,
                 max_queue_size=self.settings.max_queue_size,
                 concurrency=self.pool.size,
-                observer=BatcherMetrics(self.metrics),
-                on_error=self.fail,
+                observer=_HealthObserver(BatcherMetrics(self.metrics), self.health),
+                on_error=self._runtime_broken,
+                on_batch_error=self._batch_failed,
                 wait_when_idle=self.settings.batch_wait_when_idle,
             )
+            # Everything admitted counts: images decoding, queued, and one batch per instance
+            # running, so decode work can never pile up beyond what the queue would hold.
+            self.admission = Admission(
+                self.settings.max_queue_size + self.pool.size * self.settings.max_batch_size
+            )
             await self.batcher.start()
+            self.health.watch(self.pool.instances)
         except Exception as exc:
             self.fail(exc)
             raise
@@ -170,24 +200,81 @@ class InferenceService:
         else:
             log.error("model failure, readiness is now false: %r", exc, exc_info=exc)
         self.metrics.runtime_errors.inc()
-        self._set_state("failed", f"{type(exc).__name__} in the model runtime")
+        # RuntimeBroken's message is ours and says what tripped; others may hold internals.
+        reason = str(exc) if isinstance(exc, RuntimeBroken) else None
+        self._set_state("failed", reason or f"{type(exc).__name__} in the model runtime")
+
+    def _batch_failed(self, exc: BaseException) -> None:
+        self.metrics.batch_failures.inc()
+        self.health.batch_failed(exc)
+
+    def _runtime_broken(self, exc: BaseException) -> None:
+        self.fail(exc)
+        self.metrics.runtime_broken.set(1)
+        if self._on_broken is not None:
+            self._on_broken(exc)
 
     async def close(self) -> None:
         """Stop accepting, finish queued work within the drain timeout, release the model."""
         if self.state != "failed":
             self._set_state("draining", "shutting down")
+        await self.health.stop()
+        drain_by = time.monotonic() + self.settings.drain_timeout_s
         if self.batcher is not None:
             await self.batcher.close(drain=True, timeout=self.settings.drain_timeout_s)
         if self.pool is not None:
-            await self.pool.close()
+            # A hung backend call must not stretch shutdown past the drain timeout (plus a
+            # moment for instances that are merely finishing).
+            grace = max(drain_by - time.monotonic(), 0.0) + 0.5
+            if not await self.pool.close(timeout=grace):
+                self.abandoned_threads = True
         self._decoder.shutdown(wait=False, cancel_futures=True)
         if self._device_decoder is not None:
             self._device_decoder.close()
         if self.state == "draining":
             self._set_state("stopped", "stopped")
 
-    async def predict(self, data: bytes, endpoint: str, deadline: float) -> Outcome:
-        """Decode, preprocess, batch and run one image; raises domain errors for bad input."""
+    def admit(self, count: int = 1) -> Ticket:
+        """Admit `count` images now, before any is decoded, or raise QueueFull for all of them."""
+        if not self.ready or self.admission is None:
+            raise NotReady(self.reason)
+        ticket = self.admission.admit(count)
+        self.metrics.admitted.set(self.admission.outstanding)
+        return ticket
+
+    async def predict(
+        self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket | None = None
+    ) -> Outcome:
+        """Decode, preprocess, batch and run one image; raises domain errors for bad input.
+
+        Without a `ticket` the image is admitted here; a batch request admits all its images
+        up front with `admit(n)` and passes the ticket to each call, which releases one image.
+        """
+        own = ticket is None
+        if ticket is None:
+            ticket = self.admit(1)
+        completed = False
+        queued = [False]  # set once the image reaches the batcher
+        try:
+            outcome = await self._predict(data, endpoint, deadline, queued)
+            completed = True
+            return outcome
+        except asyncio.CancelledError:
+            # The batcher counts callers that leave while queued; here, those that leave
+            # while their image waits for (or is in) decode.
+            if not queued[0]:
+                self.metrics.dropped.labels(reason="cancelled").inc()
+            raise
+        finally:
+            ticket.release(1, completed=completed)
+            if own:
+                ticket.release_all()
+            if self.admission is not None:
+                self.metrics.admitted.set(self.admission.outstanding)
+
+    async def _predict(
+        self, data: bytes, endpoint: str, deadline: float, queued: list[bool]
+    ) -> Outcome:
         if not self.ready or self.batcher is None or self.card is None:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
@@ -196,6 +283,7 @@ class InferenceService:
         stage(endpoint, "decode").observe(prepared.decode_seconds)
         stage(endpoint, "preprocess").observe(prepared.preprocess_seconds)
         self.metrics.image_pixels.observe(prepared.width * prepared.height)
+        queued[0] = True
         result = await self.batcher.submit(prepared.pixels, deadline=deadline)
         stage(endpoint, "queue").observe(result.queue_seconds)
         stage(endpoint, "inference").observe(result.infer_seconds)
@@ -224,9 +312,15 @@ class InferenceService:
         if not np.isfinite(pixels).all():
             raise ApiError(400, "invalid_tensor", "pixels contain NaN or infinite values")
         batcher, stage = self.batcher, self.metrics.stage
+        ticket = self.admit(len(pixels))  # admitted or refused (429) whole
 
         async def one(item: np.ndarray) -> Outcome:
-            result = await batcher.submit(np.ascontiguousarray(item), deadline=deadline)
+            completed = False
+            try:
+                result = await batcher.submit(np.ascontiguousarray(item), deadline=deadline)
+                completed = True
+            finally:
+                ticket.release(1, completed=completed)
             stage(endpoint, "queue").observe(result.queue_seconds)
             stage(endpoint, "inference").observe(result.infer_seconds)
             return Outcome(result, 0.0, 0.0, width, height)
@@ -237,6 +331,9 @@ class InferenceService:
         finally:
             for task in tasks:  # after a failure, the others must not keep their queue slots
                 task.cancel()
+            ticket.release_all()
+            if self.admission is not None:
+                self.metrics.admitted.set(self.admission.outstanding)
 
     async def _prepare(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
         """Check the header on the CPU, then decode JPEGs on the device and the rest here."""
@@ -303,3 +400,28 @@ class InferenceService:
         self.state = state
         self.reason = reason
         self.metrics.ready.set(1 if state == "ready" else 0)
+
+
+class _HealthObserver:
+    """Pass batcher events to the metrics, and batch outcomes to the runtime health."""
+
+    def __init__(self, metrics: BatcherMetrics, health: RuntimeHealth) -> None:
+        self._metrics = metrics
+        self._health = health
+
+    def queue_depth(self, depth: int) -> None:
+        self._metrics.queue_depth(depth)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._metrics.queue_wait(seconds)
+
+    def batch_dispatched(self, size: int) -> None:
+        self._metrics.batch_dispatched(size)
+
+    def batch_done(self, size: int, seconds: float, ok: bool) -> None:
+        self._metrics.batch_done(size, seconds, ok)
+        if ok:
+            self._health.batch_ok()
+
+    def dropped(self, reason: str) -> None:
+        self._metrics.dropped(reason)

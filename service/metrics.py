@@ -91,6 +91,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.admitted = Gauge(
+            "hiera_admitted_images",
+            "Images admitted and not yet answered (decoding, queued or running).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.batch_failures = Counter(
+            "hiera_batch_failures",
+            "Batches whose inference raised; each fails only its own requests.",
+            registry=r,
+        )
+        self.runtime_broken = Gauge(
+            "hiera_runtime_broken",
+            "1 when the runtime is broken for good (liveness fails).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.runtime_errors = Counter(
             "hiera_runtime_errors",
             "Model runtime failures (load, inference, dead worker); each one flips readiness.",

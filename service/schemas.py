@@ -90,3 +90,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "deadline exceeded",
     }.items()
 }
+
+
+_PROTOCOL_STATUSES = {
+    400: "malformed request or input",
+    401: "missing or wrong API key",
+    404: "unknown model or version",
+    413: "body, image or image count too large",
+    415: "unsupported content type, encoding or image format",
+    422: "invalid parameter or degenerate image",
+    429: "at capacity; retry after Retry-After seconds",
+    499: "the client closed the connection",
+    500: "internal error (details in the server log)",
+    503: "not ready or shutting down",
+    504: "deadline exceeded",
+}
+
+
+def protocol_error_responses(error_schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """Document every error status of a protocol router, in that protocol's error shape."""
+    content = {"application/json": {"schema": error_schema}}
+    return {
+        status: {"description": description, "content": content}
+        for status, description in _PROTOCOL_STATUSES.items()
+    }

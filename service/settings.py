@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["onnx", "torchscript", "eager"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -106,6 +106,18 @@ class Settings(BaseSettings):
         description="decode large JPEGs at reduced scale (libjpeg DCT scaling): faster, but "
         "the model input differs from timm's transform on a full decode; off = exact",
     )
+    max_consecutive_failures: int = Field(
+        3,
+        ge=1,
+        description="batches failing in a row before the runtime counts as broken (readiness "
+        "and liveness then fail); one failed batch fails only its own requests",
+    )
+    batch_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="watchdog: a batch running longer breaks the runtime (readiness and "
+        "liveness fail); 0 = off",
+    )
 
     # Input limits.
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
@@ -130,6 +142,38 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on shutdown, finish queued requests for at most this long"
     )
+
+    # Access and exposure.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated API keys; when any is set (here or in --api-keys-file), "
+        "every route but the health probes needs 'Authorization: Bearer <key>' or "
+        "'X-API-Key: <key>'",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one API key per line (# comments), e.g. a mounted secret"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated origins allowed by CORS (e.g. https://app.example.com); "
+        "empty = CORS off",
+    )
+    docs: bool = Field(
+        True, description="serve /docs, /redoc and /openapi.json; --no-docs hides them"
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port (same host) instead of the API port",
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Self:

@@ -32,10 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import SecretStr
+
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_KEYS_ENV = "HIERA_WORKER_API_KEYS"
 LOAD_FAILED = 3  # a worker's exit status when its model could not be loaded
 RESTARTS_PER_MINUTE = 3  # a worker dying more often than this is a crash loop: give up
 KILL_GRACE_S = 15.0  # beyond the drain timeout, before a worker that ignores SIGTERM is killed
@@ -138,11 +141,13 @@ class Supervisor:
         if self.stopping:  # SIGTERM arrived while the workers were being started
             return
         env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        # Keys travel in the environment, never on a command line that `ps` shows.
+        env[_KEYS_ENV] = ",".join(k.get_secret_value() for k in self.settings.api_keys)
         if worker.devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(worker.devices)
         command = [
             sys.executable, "-m", "service.workers", "--index", str(worker.index),
-            "--settings", self.settings.model_dump_json(),
+            "--settings", self.settings.model_dump_json(exclude={"api_keys"}),
         ]  # fmt: skip
         worker.process = subprocess.Popen(command, env=env)
         where = f"GPUs {','.join(worker.devices)}" if worker.devices else self.settings.device
@@ -240,6 +245,7 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="Settings as JSON")
     args = parser.parse_args(argv)
     settings = Settings.model_validate_json(args.settings)
+    settings = settings.model_copy(update={"api_keys": _keys_from_env()})
 
     from service.cli import serve
     from service.logs import configure_logging
@@ -247,7 +253,14 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     _exit_with_parent(os.getppid())
     sock = bind_socket(settings.host, settings.port, listen=True)
-    return LOAD_FAILED if serve(settings, sock) else 0
+    # One worker serves the separate metrics port; its registry already sums every worker.
+    failed = serve(settings, sock, exit_when_broken=True, metrics_listener=args.index == 0)
+    return LOAD_FAILED if failed else 0
+
+
+def _keys_from_env() -> list[SecretStr]:
+    keys = os.environ.pop(_KEYS_ENV, "")
+    return [SecretStr(k) for k in keys.split(",") if k]
 
 
 def _exit_with_parent(parent: int) -> None:

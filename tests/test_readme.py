@@ -17,5 +17,6 @@ def test_every_setting_is_in_the_configuration_table(name: str) -> None:
     flag, env = f"--{name.replace('_', '-')}", f"HIERA_{name.upper()}"
     rows = [line for line in README.splitlines() if line.startswith(f"| `{flag}` | `{env}` |")]
     assert len(rows) == 1, f"README configuration table lacks {flag} / {env}"
-    default = "—" if field.default is None else f"`{field.default}`"
+    value = field.get_default(call_default_factory=True)
+    default = "—" if value is None or value == [] else f"`{value}`"
     assert f"| {default} |" in rows[0], f"README default for {flag} is stale"

@@ -15,9 +15,11 @@ from service.imaging.cpu import (
 )
 from service.imaging.errors import (
     CorruptImage,
+    DegenerateImage,
     EmptyImage,
     ImageError,
     ImageTooLarge,
+    TruncatedImage,
     UnsupportedFormat,
 )
 from service.imaging.headers import DEFAULT_FORMATS, Header, read_header
@@ -35,11 +37,13 @@ __all__ = [
     "INTERPOLATIONS",
     "CorruptImage",
     "DecodedImage",
+    "DegenerateImage",
     "EmptyImage",
     "Header",
     "ImageError",
     "ImageTooLarge",
     "Preprocessing",
+    "TruncatedImage",
     "UnsupportedFormat",
     "crop",
     "decode_and_preprocess",

@@ -18,6 +18,7 @@ from service.imaging.headers import (
     normalize_formats,
     open_checked,
 )
+from service.imaging.integrity import check_png_complete
 from service.imaging.preprocessing import (
     INTERPOLATIONS,
     Preprocessing,
@@ -76,6 +77,8 @@ def decode_image(
         fmt = str(img.format)
         width, height = img.size
         _load_first_frame(img, draft_size)
+        if fmt == "PNG":
+            check_png_complete(data)  # Pillow accepts a zlib stream that ends early
         rgb = to_rgb(_apply_exif_orientation(img))
     return DecodedImage(rgb, fmt, width, height, len(data))
 

@@ -31,3 +31,15 @@ class CorruptImage(ImageError):
     """The image is in an accepted format but its data is truncated or undecodable."""
 
     code: ClassVar[str] = "corrupt_image"
+
+
+class DegenerateImage(ImageError):
+    """The image's declared shape is impossible to use: a zero side or an extreme aspect ratio."""
+
+    code: ClassVar[str] = "degenerate_image"
+
+
+class TruncatedImage(ImageError):
+    """The image data ends before the canvas its header declares is filled."""
+
+    code: ClassVar[str] = "truncated_image"

@@ -14,7 +14,14 @@ from typing import Final
 
 from PIL import Image, ImageFile
 
-from service.imaging.errors import CorruptImage, ImageError, ImageTooLarge, UnsupportedFormat
+from service.imaging.errors import (
+    CorruptImage,
+    DegenerateImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedFormat,
+)
+from service.imaging.integrity import check_jpeg_complete
 
 # The formats phones, browsers and cameras actually upload, all handled by small, heavily fuzzed
 # decoders. Deliberately absent: TIFF (libtiff, dozens of codecs, multi-page, huge tiles), JPEG
@@ -24,6 +31,10 @@ DEFAULT_FORMATS: Final[frozenset[str]] = frozenset({"JPEG", "MPO", "PNG", "WEBP"
 
 # Pillow has no opener named MPO: the JPEG plugin opens MPO files and re-labels them.
 _OPENER_FOR_FORMAT: Final[dict[str, str]] = {"MPO": "JPEG"}
+
+# Longest side over shortest side beyond which an image is refused: a 1:200 strip has no
+# content a 224x224 center crop could classify, and such strips are a favourite of bomb files.
+MAX_ASPECT_RATIO: Final = 200
 
 # What Pillow raises for bad image data; none of these indicate a bug in this module.
 _DECODE_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
@@ -49,7 +60,11 @@ def read_header(
     """Check an upload's header against the allowlist and pixel budget without decoding it."""
     with open_checked(data, normalize_formats(allowed_formats), max_pixels) as img:
         width, height = img.size
-        return Header(str(img.format), width, height)
+        header = Header(str(img.format), width, height)
+    if header.format in ("JPEG", "MPO"):
+        # This path hands JPEGs to a device decoder that may not notice a missing tail.
+        check_jpeg_complete(data)
+    return header
 
 
 def normalize_formats(allowed_formats: frozenset[str]) -> frozenset[str]:
@@ -90,6 +105,12 @@ def open_checked(data: bytes, allowed: frozenset[str], max_pixels: int) -> Image
         img.close()
         raise _not_allowed(str(img.format), allowed)
     width, height = img.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        img.close()
+        raise DegenerateImage(
+            f"image is {width}x{height}: sides must be at least 1 pixel and the aspect ratio at "
+            f"most 1:{MAX_ASPECT_RATIO}; crop it to the region of interest"
+        )
     if width * height > max_pixels:
         img.close()
         raise ImageTooLarge(

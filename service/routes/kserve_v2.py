@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
+from service.admission import Ticket
+from service.disconnect import until_disconnect
 from service.errors import ApiError, NotReady, to_api_error
 from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
@@ -17,6 +19,7 @@ from service.responses import JSONResponse
 from service.routes import kserve_codec as codec
 from service.routes.protocol import all_or_nothing, protocol_route
 from service.runtime.loader import ModelCard
+from service.schemas import protocol_error_responses
 
 SERVER_NAME = "hiera-serve"
 SERVER_VERSION = "0.1.0"
@@ -30,7 +33,16 @@ def _error_body(error: ApiError) -> dict[str, Any]:
     return {"error": error.message}
 
 
-router = APIRouter(prefix="/v2", tags=["kserve v2"], route_class=protocol_route(_error_body))
+# Errors are {"error": "..."}; readiness answers 503 with {"ready": false}: both are objects.
+_ERRORS = protocol_error_responses(
+    {"type": "object", "properties": {"error": {"type": "string"}, "ready": {"type": "boolean"}}}
+)
+router = APIRouter(
+    prefix="/v2",
+    tags=["kserve v2"],
+    route_class=protocol_route(_error_body),
+    responses=_ERRORS,
+)
 
 
 def get_service(request: Request) -> InferenceService:
@@ -104,13 +116,22 @@ async def kserve_infer(
     _check_classification(service, parsed.outputs)
     if parsed.images is not None:
         _check_count(service, len(parsed.images))
-        outcomes = await all_or_nothing(
-            [_predict(service, data, index, deadline) for index, data in enumerate(parsed.images)]
-        )
+        # Admitted or refused (429) whole, before any image is decoded.
+        ticket = service.admit(len(parsed.images))
+        work = [
+            _predict(service, data, index, deadline, ticket)
+            for index, data in enumerate(parsed.images)
+        ]
+        try:
+            outcomes = await until_disconnect(request, all_or_nothing(work))
+        finally:
+            ticket.release_all()
     else:
         assert parsed.pixels is not None
         _check_count(service, parsed.pixels.shape[0] if parsed.pixels.ndim else 0)
-        outcomes = await service.predict_pixels(parsed.pixels, "kserve_infer", deadline)
+        outcomes = await until_disconnect(
+            request, service.predict_pixels(parsed.pixels, "kserve_infer", deadline)
+        )
     started = time.perf_counter()
     outputs = [_output(card, service, spec, outcomes) for spec in parsed.outputs]
     head: dict[str, Any] = {"model_name": card.name, "model_version": MODEL_VERSION}
@@ -129,9 +150,11 @@ async def kserve_infer(
     )
 
 
-async def _predict(service: InferenceService, data: bytes, index: int, deadline: float) -> Outcome:
+async def _predict(
+    service: InferenceService, data: bytes, index: int, deadline: float, ticket: Ticket
+) -> Outcome:
     try:
-        return await service.predict(data, "kserve_infer", deadline)
+        return await service.predict(data, "kserve_infer", deadline, ticket=ticket)
     except ImageError as exc:  # say which element was bad; the status stays errors.py's
         error = to_api_error(exc)
         message = f"{codec.BYTES_INPUT}[{index}]: {error.message}"

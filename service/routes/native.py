@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.disconnect import until_disconnect
 from service.errors import ApiError, error_body, to_api_error
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize, top_k
@@ -25,6 +26,7 @@ from service.uploads import BATCH_FIELD, SINGLE_FIELD, read_images
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"])
+T = TypeVar("T")
 
 
 async def get_service(request: Request) -> InferenceService:
@@ -218,7 +220,7 @@ async def _single(
 ) -> JSONResponse:
     deadline = _deadline(service)
     (data,) = await read_images(request, field=SINGLE_FIELD, max_images=1)
-    outcome = await service.predict(data, endpoint, deadline)
+    outcome = await until_disconnect(request, service.predict(data, endpoint, deadline))
     card = service.card
     assert card is not None
     return JSONResponse({"model": card.name, **_answer(service, endpoint, outcome, render)})
@@ -232,9 +234,12 @@ async def _batch(
         request, field=BATCH_FIELD, max_images=service.settings.max_images_per_request
     )
 
+    # The whole request is admitted or refused (429) before any of its images is decoded.
+    ticket = service.admit(len(images))
+
     async def one(index: int, data: bytes) -> dict[str, Any]:
         try:
-            outcome = await service.predict(data, endpoint, deadline)
+            outcome = await service.predict(data, endpoint, deadline, ticket=ticket)
             return {"index": index, "result": _answer(service, endpoint, outcome, render)}
         except Exception as exc:  # one bad image fails only its own entry
             error = to_api_error(exc)
@@ -243,6 +248,14 @@ async def _batch(
             service.metrics.failures.labels(reason=error.code).inc()
             return {"index": index, **error_body(error)}
 
-    results = await asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+    try:
+        work = asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
+        results = await until_disconnect(request, _awaited(work))
+    finally:
+        ticket.release_all()
     name = service.card.name if service.card else None
     return JSONResponse({"model": name, "results": results})
+
+
+async def _awaited(future: Awaitable[T]) -> T:
+    return await future

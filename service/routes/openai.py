@@ -10,12 +10,15 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 
+from service.admission import Ticket
+from service.disconnect import until_disconnect
 from service.errors import ApiError, to_api_error
 from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize
 from service.responses import JSONResponse
 from service.routes.protocol import all_or_nothing, protocol_route
+from service.schemas import protocol_error_responses
 
 ENDPOINT = "openai_embeddings"
 
@@ -48,7 +51,22 @@ def _error_body(error: ApiError) -> dict[str, Any]:
     }
 
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=protocol_route(_error_body))
+_ERRORS = protocol_error_responses(
+    {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+            }
+        },
+    }
+)
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=protocol_route(_error_body), responses=_ERRORS
+)
 
 
 def get_service(request: Request) -> InferenceService:
@@ -108,9 +126,16 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
             "to be truncated (not Matryoshka), so a shorter vector would be meaningless",
         )
     images = parse_inputs(body.get("input"), service.settings.max_images_per_request)
-    outcomes = await all_or_nothing(
-        [_predict(service, data, index, deadline) for index, data in enumerate(images)]
-    )
+    ticket = service.admit(len(images))  # admitted or refused (429) whole, before any decode
+    try:
+        outcomes = await until_disconnect(
+            request,
+            all_or_nothing(
+                [_predict(service, data, i, deadline, ticket) for i, data in enumerate(images)]
+            ),
+        )
+    finally:
+        ticket.release_all()
     started = time.perf_counter()
     data = []
     for index, outcome in enumerate(outcomes):
@@ -125,9 +150,11 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
     return JSONResponse({"object": "list", "model": model, "data": data, "usage": usage})
 
 
-async def _predict(service: InferenceService, data: bytes, index: int, deadline: float) -> Outcome:
+async def _predict(
+    service: InferenceService, data: bytes, index: int, deadline: float, ticket: Ticket
+) -> Outcome:
     try:
-        return await service.predict(data, ENDPOINT, deadline)
+        return await service.predict(data, ENDPOINT, deadline, ticket=ticket)
     except ImageError as exc:  # say which input was bad; the status stays errors.py's
         error = to_api_error(exc)
         raise ParamError(f"input[{index}]", f"input[{index}]: {error.message}", error.status,

@@ -43,6 +43,7 @@ class Instance:
     feeder: Feeder
     thread: ThreadPoolExecutor
     batches: int = 0
+    busy_since: float | None = None  # monotonic start of the running batch, for the watchdog
 
     def run(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Assemble the batch on this instance's device and run it; called on `thread`."""
@@ -139,16 +140,29 @@ class RuntimePool:
         """Run the queued images `items` as one batch on the next free instance's thread."""
         instance = await self._free.get()
         try:
+            instance.busy_since = time.monotonic()
             future = instance.thread.submit(instance.run, items)
             result = await asyncio.wrap_future(future)
             instance.batches += 1
             return result
         finally:
+            instance.busy_since = None
             self._free.put_nowait(instance)
 
-    async def close(self) -> None:
-        """Release every instance once its thread has finished the batch it is running."""
-        await asyncio.to_thread(_close_all, self.instances)
+    # The timeout parameter is the documented API; asyncio.timeout() is used inside.
+    async def close(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Release every instance once its batch finishes; False if one is still busy at timeout.
+
+        A hung backend call cannot be interrupted: its thread is abandoned (the caller should
+        then end the process without joining it) instead of holding shutdown hostage.
+        """
+        closing = asyncio.ensure_future(asyncio.to_thread(_close_all, self.instances))
+        done, _ = await asyncio.wait([closing], timeout=timeout)
+        if not done:
+            log.error("an instance still runs a batch after %s s; abandoning it", timeout)
+            return False
+        closing.result()
+        return True
 
 
 def _feeder_for(backend: Backend, device: str, inputs: InputSpec, max_batch_size: int) -> Feeder:

@@ -105,10 +105,12 @@ async def test_other_formats_and_bad_jpegs_take_the_cpu_checks(micro_repository:
     assert png.status_code == 200
     assert len(base64.b64decode(png.json()["embedding"])) == 128 * 4
     assert [r.status_code for r in replies] == [400, 400, 200]
-    assert [r.json()["error"]["code"] for r in replies[:2]] == ["corrupt_image"] * 2
-    # The PNG and the JPEG with a broken header never reached the device decoder; the
-    # truncated one did, failed there, and Pillow confirmed it is corrupt.
-    assert (decoder.batches, decoder.fallbacks) == (2, 1)
+    codes = [r.json()["error"]["code"] for r in replies[:2]]
+    assert codes == ["corrupt_image", "truncated_image"]
+    # Only the good JPEG reached the device decoder: the PNG decodes on the CPU, the broken
+    # header fails the header check, and the JPEG cut in half (no end-of-image marker) is
+    # refused before the device decoder could accept it silently.
+    assert (decoder.batches, decoder.fallbacks) == (1, 0)
 
 
 @pytest.mark.usefixtures("tensor_decoding")

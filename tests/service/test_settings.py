@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -262,7 +263,10 @@ class ServerNeverStarts:
 
     def create_app(self, *args: Any, **kwargs: Any) -> object:
         self.calls.append("create_app")
-        return object()
+        # serve() reads whether shutdown had to abandon a hung model thread.
+        return SimpleNamespace(
+            state=SimpleNamespace(service=SimpleNamespace(abandoned_threads=False))
+        )
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append("server.run")

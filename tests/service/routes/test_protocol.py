@@ -24,7 +24,7 @@ async def test_queue_full_and_not_ready(micro_repository: Path) -> None:
     async with running(app) as client:
         service = app.state.service
 
-        async def full(*args: Any) -> None:
+        async def full(*args: Any, **kwargs: Any) -> None:
             raise QueueFull("queue full")
 
         service.predict = full

@@ -1,0 +1,93 @@
+"""Admission control: accept or refuse a request before any of its images is decoded.
+
+Every image counts from the moment it is admitted until its answer is ready, so the count
+covers images being decoded, queued and running. A request for n images is admitted whole or
+refused whole, and a refusal carries a Retry-After computed from the measured drain rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+from service.batching import QueueFull
+
+# How many recent completions the drain rate is measured over.
+_RATE_SAMPLES = 256
+_MIN_RETRY_S = 1
+_MAX_RETRY_S = 60
+
+
+class Ticket:
+    """The images one request was admitted with; release each once it has its answer."""
+
+    def __init__(self, admission: Admission, count: int) -> None:
+        self._admission = admission
+        self._left = count
+
+    @property
+    def left(self) -> int:
+        return self._left
+
+    def release(self, count: int = 1, *, completed: bool = True) -> None:
+        """Give back `count` images; `completed` ones also feed the drain-rate estimate."""
+        count = min(count, self._left)
+        if count <= 0:
+            return
+        self._left -= count
+        self._admission._release(count, completed)
+
+    def release_all(self) -> None:
+        """Give back every image not yet released, without counting them as completed."""
+        self.release(self._left, completed=False)
+
+
+class Admission:
+    """Count admitted images against a capacity and estimate how fast they drain."""
+
+    def __init__(self, capacity: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.outstanding = 0
+        self._clock = clock
+        # Recent completion times: their count over their span is the drain rate.
+        self._completions: deque[float] = deque(maxlen=_RATE_SAMPLES)
+
+    def admit(self, count: int = 1) -> Ticket:
+        """Admit `count` images at once, or raise QueueFull (with a retry hint) for all of them."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        if self.outstanding + count > self.capacity:
+            raise QueueFull(
+                f"{self.outstanding} images already admitted (capacity {self.capacity}); "
+                f"retry in {self.retry_after_s()} s or add capacity",
+                retry_after_s=self.retry_after_s(),
+            )
+        self.outstanding += count
+        return Ticket(self, count)
+
+    def retry_after_s(self) -> int:
+        """Return whole seconds until the current backlog should have drained."""
+        rate = self.drain_rate
+        if rate is None:
+            return _MIN_RETRY_S
+        seconds = math.ceil(self.outstanding / rate)
+        return max(_MIN_RETRY_S, min(_MAX_RETRY_S, seconds))
+
+    @property
+    def drain_rate(self) -> float | None:
+        """Return images completed per second over the recent completions, None if unknown."""
+        times = self._completions
+        if len(times) < 2:
+            return None
+        span = max(self._clock(), times[-1]) - times[0]
+        return (len(times) - 1) / span if span > 0 else None
+
+    def _release(self, count: int, completed: bool) -> None:
+        self.outstanding -= count
+        if completed:
+            now = self._clock()
+            self._completions.extend([now] * count)
