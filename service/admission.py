@@ -47,12 +47,20 @@ class Ticket:
 class Admission:
     """Count admitted images against a capacity and estimate how fast they drain."""
 
-    def __init__(self, capacity: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.outstanding = 0
         self._clock = clock
+        # Told the new outstanding count after every admit and release (e.g. a gauge's set).
+        self._on_change = on_change
         # Recent completion times: their count over their span is the drain rate.
         self._completions: deque[float] = deque(maxlen=_RATE_SAMPLES)
 
@@ -67,6 +75,7 @@ class Admission:
                 retry_after_s=self.retry_after_s(),
             )
         self.outstanding += count
+        self._changed()
         return Ticket(self, count)
 
     def retry_after_s(self) -> int:
@@ -91,3 +100,8 @@ class Admission:
         if completed:
             now = self._clock()
             self._completions.extend([now] * count)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.outstanding)

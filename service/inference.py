@@ -153,7 +153,8 @@ class InferenceService:
             # Everything admitted counts: images decoding, queued, and one batch per instance
             # running, so decode work can never pile up beyond what the queue would hold.
             self.admission = Admission(
-                self.settings.max_queue_size + self.pool.size * self.settings.max_batch_size
+                self.settings.max_queue_size + self.pool.size * self.settings.max_batch_size,
+                on_change=self.metrics.admitted.set,
             )
             await self.batcher.start()
             self.health.watch(self.pool.instances)
@@ -238,9 +239,7 @@ class InferenceService:
         """Admit `count` images now, before any is decoded, or raise QueueFull for all of them."""
         if not self.ready or self.admission is None:
             raise NotReady(self.reason)
-        ticket = self.admission.admit(count)
-        self.metrics.admitted.set(self.admission.outstanding)
-        return ticket
+        return self.admission.admit(count)
 
     async def predict(
         self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket | None = None
@@ -269,8 +268,6 @@ class InferenceService:
             ticket.release(1, completed=completed)
             if own:
                 ticket.release_all()
-            if self.admission is not None:
-                self.metrics.admitted.set(self.admission.outstanding)
 
     async def _predict(
         self, data: bytes, endpoint: str, deadline: float, queued: list[bool]
@@ -332,8 +329,6 @@ class InferenceService:
             for task in tasks:  # after a failure, the others must not keep their queue slots
                 task.cancel()
             ticket.release_all()
-            if self.admission is not None:
-                self.metrics.admitted.set(self.admission.outstanding)
 
     async def _prepare(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
         """Check the header on the CPU, then decode JPEGs on the device and the rest here."""

@@ -86,3 +86,13 @@ async def test_batch_request_is_refused_whole_before_decode(micro_repository: Pa
     assert [a.status_code for a in answers] == [200, 200]
     assert [r["index"] for r in answers[1].json()["results"] if "result" in r] == [0, 1]
     assert app.state.service.admission.outstanding == 0
+
+
+def test_every_admit_and_release_reports_the_outstanding_count() -> None:
+    seen: list[int] = []
+    admission = Admission(10, on_change=seen.append)
+    ticket = admission.admit(4)
+    ticket.release(1)
+    ticket.release_all()  # what a batch request's route does when it finishes
+    ticket.release_all()  # nothing left: no report
+    assert seen == [4, 3, 0]
