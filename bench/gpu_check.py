@@ -39,6 +39,7 @@ from bench.run import _wait_ready
 from service.imaging import Preprocessing, cpu
 from service.runtime.feed import Feeder
 from service.runtime.loader import plan
+from service.runtime.pool import InputSpec, feeder_for
 from service.runtime.providers import CUDA, TENSORRT
 from service.settings import BackendName, Precision, Settings
 
@@ -373,16 +374,8 @@ def _open(
     instance_device, factory = load_plan.instances[0]  # cuda:0, or the CPU
     backend = factory()
     pp = load_plan.card.preprocessing
-    feeder = Feeder(
-        device=instance_device,
-        input_dtype=backend.input_dtype,
-        mean=pp.mean,
-        std=pp.std,
-        input_shape=(3, *pp.input_size),
-        max_batch_size=max_batch_size,
-        stream=getattr(backend, "stream", None),
-    )
-    return backend, feeder, pp
+    inputs = InputSpec((3, *pp.input_size), pp.mean, pp.std)
+    return backend, feeder_for(backend, instance_device, inputs, max_batch_size), pp
 
 
 def _export(variant: str, out: Path) -> Path:

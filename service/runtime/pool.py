@@ -90,7 +90,7 @@ class RuntimePool:
                     thread.shutdown(wait=False)
                     raise
                 feeder = await asyncio.wrap_future(
-                    thread.submit(_feeder_for, backend, device, inputs, max_batch_size)
+                    thread.submit(feeder_for, backend, device, inputs, max_batch_size)
                 )
                 instance = Instance(index, device, backend, feeder, thread)
                 instances.append(instance)
@@ -165,7 +165,8 @@ class RuntimePool:
         return True
 
 
-def _feeder_for(backend: Backend, device: str, inputs: InputSpec, max_batch_size: int) -> Feeder:
+def feeder_for(backend: Backend, device: str, inputs: InputSpec, max_batch_size: int) -> Feeder:
+    """Build the feeder that prepares `backend`'s batches on `device` (in its stream, if any)."""
     return Feeder(
         device=device,
         input_dtype=getattr(backend, "input_dtype", "float32"),
