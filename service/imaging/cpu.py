@@ -23,6 +23,7 @@ from service.imaging.preprocessing import (
     INTERPOLATIONS,
     Preprocessing,
     crop_origin,
+    crop_window,
     draft_size,
     resized_size,
 )
@@ -39,10 +40,6 @@ _HIGH_BIT_MODES: Final[frozenset[str]] = frozenset({"I", "I;16", "I;16L", "I;16B
 _ALPHA_MODES: Final[frozenset[str]] = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
 _WHITE: Final[tuple[int, int, int, int]] = (255, 255, 255, 255)
-
-# Above this many pixels the full shorter-side resize (what timm does) is skipped in favour of
-# resampling only the crop window, so a 1x100000 strip cannot make us allocate gigabytes.
-_MAX_RESIZED_PIXELS: Final[int] = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -223,13 +220,9 @@ def _resize_and_crop(rgb: Image.Image, pp: Preprocessing) -> np.ndarray:
     width, height = rgb.size
     new_w, new_h = resized_size(width, height, pp)
     resample = INTERPOLATIONS[pp.interpolation]
-    if new_w * new_h > _MAX_RESIZED_PIXELS and new_w >= crop_w and new_h >= crop_h:
-        # Resample only the crop window: same geometry as resize-then-crop, but memory bounded
-        # by the crop. Pillow's float rounding can differ in the last bit, so this is not bit-
-        # identical to timm; it only runs for extreme aspect ratios timm would choke on.
-        top, left = crop_origin(new_h, crop_h), crop_origin(new_w, crop_w)
-        sx, sy = width / new_w, height / new_h
-        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    box = crop_window(width, height, pp)
+    if box is not None:
+        # Only for extreme aspect ratios timm would choke on; not bit-identical to timm.
         return np.asarray(rgb.resize((crop_w, crop_h), resample, box=box))
     if (new_w, new_h) != (width, height):  # torchvision skips the resize in this case too
         rgb = rgb.resize((new_w, new_h), resample)

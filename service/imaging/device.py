@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from service.imaging import cpu
 from service.imaging.errors import ImageError
-from service.imaging.preprocessing import Preprocessing, resized_size
+from service.imaging.preprocessing import Preprocessing, crop_window, resized_size
 
 if TYPE_CHECKING:
     import torch
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 # JPEG only: the formats nvJPEG decodes. MPO (several JPEGs in one file) and everything else
 # take the CPU path.
 DEVICE_FORMATS = frozenset({"JPEG"})
-# Above this many resized pixels only the crop window is resampled (as the CPU path does), so
-# an extreme aspect ratio cannot allocate gigabytes of device memory.
-_MAX_RESIZED_PIXELS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -108,12 +105,10 @@ class TensorDecoder:
         crop_h, crop_w = self.pp.input_size
         height, width = image.shape[-2:]
         new_w, new_h = resized_size(width, height, self.pp)
-        if new_w * new_h > _MAX_RESIZED_PIXELS and new_w >= crop_w and new_h >= crop_h:
-            # Resample only the source window that lands in the crop.
-            top = round((new_h - crop_h) / 2.0) * height / new_h
-            left = round((new_w - crop_w) / 2.0) * width / new_w
-            rows = max(1, round(crop_h * height / new_h))
-            cols = max(1, round(crop_w * width / new_w))
+        box = crop_window(width, height, self.pp)
+        if box is not None:  # resample only the source window that lands in the crop
+            left, top, right, bottom = box
+            rows, cols = max(1, round(bottom - top)), max(1, round(right - left))
             window = image[:, round(top) : round(top) + rows, round(left) : round(left) + cols]
             return tvf.resize(window, [crop_h, crop_w], self._interpolation, antialias=True)
         if (new_w, new_h) != (width, height):

@@ -20,6 +20,9 @@ INTERPOLATIONS: Final[dict[str, Image.Resampling]] = {
 }
 
 CROP_MODES: Final[frozenset[str]] = frozenset({"center"})
+# Above this many resized pixels only the crop window is resampled, so an extreme aspect ratio
+# (a 1x100000 strip) cannot make a decoder allocate gigabytes, on the host or on a GPU.
+MAX_RESIZED_PIXELS: Final[int] = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,21 @@ def resized_size(width: int, height: int, pp: Preprocessing) -> tuple[int, int]:
 def crop_origin(size: int, crop: int) -> int:
     """Return torchvision CenterCrop's offset: round((size - crop) / 2), half to even."""
     return round((size - crop) / 2.0)
+
+
+def crop_window(
+    width: int, height: int, pp: Preprocessing
+) -> tuple[float, float, float, float] | None:
+    """Return the source box (left, top, right, bottom) that lands in the crop, when only it
+    should be resampled (a resized image over MAX_RESIZED_PIXELS); None for resize-then-crop.
+
+    Same geometry as resizing the whole image and center-cropping, with memory bounded by the
+    crop; the resampling can differ from the full resize in the last bit.
+    """
+    crop_h, crop_w = pp.input_size
+    new_w, new_h = resized_size(width, height, pp)
+    if new_w * new_h <= MAX_RESIZED_PIXELS or new_w < crop_w or new_h < crop_h:
+        return None
+    top, left = crop_origin(new_h, crop_h), crop_origin(new_w, crop_w)
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)

@@ -200,7 +200,8 @@ def test_extreme_aspect_ratio_resamples_only_the_crop() -> None:
 
 
 def test_crop_window_resample_stays_close_to_timm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imaging.cpu, "_MAX_RESIZED_PIXELS", 0)  # force the crop-window path
+    # Force the crop-window path.
+    monkeypatch.setattr(imaging.preprocessing, "MAX_RESIZED_PIXELS", 0)
     image = smooth_image(600, 420)
     pp = make_pp()
     diff = np.abs(preprocess(image, pp) - timm_eval(pp, image))
