@@ -15,7 +15,6 @@ same machine.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import socket
 import statistics
@@ -46,17 +45,6 @@ class CodeRun:
         if not sep or not label or not source:
             raise ValueError(f"--run takes label:source, got {spec!r}")
         return cls(label, None if source == "." else Path(source).resolve())
-
-
-def jpeg_500x375(source: Path) -> bytes:
-    """Resize a photo to 500x375 and encode it as a quality-90 JPEG."""
-    from PIL import Image
-
-    with Image.open(source) as image:
-        resized = image.convert("RGB").resize((500, 375), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    resized.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def measure(

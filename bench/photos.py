@@ -48,10 +48,11 @@ def encode(image: Image.Image, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def resized_jpeg(width: int, height: int) -> bytes:
-    """Return the README's photo as a JPEG of the given size, like a typical upload."""
-    photo = Image.open(ROOT / "examples" / "grace_hopper.jpg").convert("RGB")
-    return encode(photo.resize((width, height), Image.Resampling.LANCZOS), quality=90)
+def resized_jpeg(width: int, height: int, source: Path | None = None) -> bytes:
+    """Return a photo (the README's by default) as a quality-90 JPEG of the given size."""
+    with Image.open(source or ROOT / "examples" / "grace_hopper.jpg") as photo:
+        resized = photo.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    return encode(resized, quality=90)
 
 
 @functools.cache

@@ -330,7 +330,7 @@ def _frontend(args: argparse.Namespace) -> int:
         "machine": _machine("cpu"),
     } | frontend.measure(
         runs,
-        image=frontend.jpeg_500x375(args.image),
+        image=resized_jpeg(500, 375, args.image),
         requests=args.requests,
         warmup=args.warmup,
         concurrency=args.concurrency,

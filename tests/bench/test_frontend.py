@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.frontend import STAGES, CodeRun, jpeg_500x375
+from bench.frontend import STAGES, CodeRun
+from bench.photos import resized_jpeg
 from bench.run import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,7 +16,7 @@ PHOTO = ROOT / "examples" / "grace_hopper.jpg"
 
 
 def test_the_bench_image_is_a_500x375_jpeg() -> None:
-    with Image.open(io.BytesIO(jpeg_500x375(PHOTO))) as image:
+    with Image.open(io.BytesIO(resized_jpeg(500, 375, PHOTO))) as image:
         assert (image.format, image.size) == ("JPEG", (500, 375))
 
 
