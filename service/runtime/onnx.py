@@ -15,9 +15,8 @@ from service.runtime.base import BackendError
 if TYPE_CHECKING:
     import torch
 
-# Kept for callers and tests that import them from here.
+# Kept for callers that import it from here.
 choose_providers = ep.choose_providers
-GpuOptions = ep.GpuOptions
 
 
 class OnnxBackend:
