@@ -379,12 +379,16 @@ def _open(
 
 
 def _export(variant: str, out: Path) -> Path:
+    from model.artifacts import ModelRepository, RepositoryError
     from model.export import export_repository
     from model.hiera import build
 
     target = out / variant
     if (target / "manifest.json").is_file():
-        return target
+        try:
+            return ModelRepository.load(target).path  # reuse an export that still verifies
+        except RepositoryError as exc:
+            print(f"re-exporting {variant}: {exc}")
     print(f"exporting {variant} (random weights: speed and agreement do not depend on them)")
     built = build(variant, "random", seed=0)
     return export_repository(

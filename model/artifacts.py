@@ -1,7 +1,10 @@
 """The on-disk model repository: `<repo>/<name>/` with artifacts and a checksummed manifest.
 
 The exporter writes it, the service reads it. Every file the manifest names carries a sha256
-that is verified on load, so a truncated copy or a swapped file is refused, not served.
+that is verified on load, so a truncated copy or a swapped file is refused, not served. The
+manifest's serving fields (preprocessing, dims, labels hash, variant, weights) are sealed
+inside every artifact before its sha256 is taken and compared on load, so an edited manifest
+is refused too.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.checkpoints import sha256_file
+from model.contract import ContractUnreadable, read_sealed
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
-FORMAT_VERSION = 1
+# 2: every artifact carries its serving contract (model.contract); 1 had none.
+FORMAT_VERSION = 2
 
 ArtifactKind = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
 ARTIFACT_FILES: dict[str, str] = {
@@ -33,6 +38,10 @@ class RepositoryError(ValueError):
 
 class ArtifactTampered(RepositoryError):
     """An artifact's bytes do not match the sha256 recorded in the manifest."""
+
+
+class ManifestMismatch(RepositoryError):
+    """The manifest says something else than the contract sealed inside an artifact."""
 
 
 class _Frozen(BaseModel):
@@ -132,9 +141,12 @@ class ModelRepository:
         folder = Path(path)
         manifest = read_manifest(folder)
         if verify:
+            _require_verifiable(folder, manifest)
             verify_file(folder / manifest.labels_file, manifest.labels_sha256)
             for artifact in manifest.artifacts.values():
                 verify_file(folder / artifact.file, artifact.sha256)
+            for kind in manifest.artifacts:
+                verify_contract(folder, manifest, kind)
         labels = json.loads((folder / manifest.labels_file).read_text())["names"]
         if len(labels) != manifest.num_classes:
             raise RepositoryError(
@@ -163,9 +175,111 @@ def read_manifest(folder: Path) -> Manifest:
             "manifest.json), not at its parent"
         )
     try:
-        return Manifest.model_validate_json(file.read_bytes())
+        manifest = Manifest.model_validate_json(file.read_bytes())
     except ValueError as exc:
         raise RepositoryError(f"{file} is not a valid manifest: {exc}") from exc
+    if manifest.format_version > FORMAT_VERSION:
+        raise RepositoryError(
+            f"{file} has format_version {manifest.format_version}, newer than this "
+            f"hiera-serve reads ({FORMAT_VERSION}): upgrade hiera-serve, or export with this one"
+        )
+    return manifest
+
+
+# The manifest fields an artifact vouches for: how images are fed to it, how its outputs are
+# read and labelled, and which model and weights it is. The rest is informational (name,
+# parity figures, versions, creation time) or proven otherwise: weights.source is where the
+# eager backend rebuilds from, and the rebuild must hash to the sealed weights.state_sha256.
+_SEALED_FIELDS = {
+    "variant",
+    "preprocessing",
+    "embed_dim",
+    "num_classes",
+    "input_name",
+    "output_names",
+    "labels_sha256",
+}
+
+
+def serving_contract(
+    manifest: Manifest, kind: ArtifactKind, precision: str = "fp32"
+) -> dict[str, Any]:
+    """Return the JSON document sealed into artifact `kind`: the manifest's serving fields."""
+    document = manifest.model_dump(mode="json", include=_SEALED_FIELDS)
+    document["weights"] = manifest.weights.model_dump(mode="json", exclude={"source"})
+    document["artifact"] = {"kind": kind, "precision": precision}
+    return document
+
+
+def verify_contract(folder: Path, manifest: Manifest, kind: ArtifactKind) -> None:
+    """Raise ManifestMismatch, naming each field, where the manifest and artifact disagree."""
+    artifact = manifest.artifacts[kind]
+    path = folder / artifact.file
+    try:
+        sealed = read_sealed(path, "torchscript" if kind == "torchscript" else "onnx")
+    except (ContractUnreadable, OSError) as exc:
+        raise RepositoryError(f"{path}: cannot read its serving contract ({exc})") from exc
+    if sealed is None:
+        raise RepositoryError(
+            f"{path} carries no serving contract, so nothing vouches for {MANIFEST_FILE}: it "
+            "was not written by this hiera-export; re-export the model repository"
+        )
+    expected = _flatten(serving_contract(manifest, kind, artifact.precision))
+    found = _flatten(sealed)
+    differences = [
+        f"{_manifest_path(key, kind)} is {_show(expected.get(key, _ABSENT))} but "
+        f"{artifact.file} was exported with {_show(found.get(key, _ABSENT))}"
+        for key in sorted(expected.keys() | found.keys())
+        if expected.get(key, _ABSENT) != found.get(key, _ABSENT)
+    ]
+    if differences:
+        raise ManifestMismatch(
+            f"{folder / MANIFEST_FILE} field {'; field '.join(differences)}: the manifest was "
+            "edited after export (or the file comes from another export). Restore the "
+            "original manifest.json, or re-export with hiera-export"
+        )
+
+
+_ABSENT = object()
+
+
+def _flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Map nested objects to dotted paths (`preprocessing.mean`); lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _manifest_path(key: str, kind: str) -> str:
+    """Name a contract key as the manifest field an operator would look for."""
+    if key == "artifact.kind":
+        return f"artifacts.{kind} (the kind of artifact)"
+    return f"artifacts.{kind}.precision" if key == "artifact.precision" else key
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _ABSENT else json.dumps(value)
+
+
+def _require_verifiable(folder: Path, manifest: Manifest) -> None:
+    """Refuse repositories whose manifest no artifact can vouch for."""
+    if manifest.format_version < FORMAT_VERSION:
+        raise RepositoryError(
+            f"{folder / MANIFEST_FILE} has format_version {manifest.format_version}: written "
+            "before artifacts carried a sealed copy of the manifest's preprocessing, dims and "
+            "labels hash, so an edited manifest could not be detected. Re-export it with "
+            f"hiera-export (same variant and weights: variant {manifest.variant.name}, weights "
+            f"{manifest.weights.source})"
+        )
+    if not manifest.artifacts:
+        raise RepositoryError(
+            f"{folder / MANIFEST_FILE} lists no artifacts, so nothing vouches for it; "
+            "re-export the model repository"
+        )
 
 
 def verify_file(path: Path, expected_sha256: str) -> None:

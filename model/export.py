@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -32,10 +32,13 @@ from model.artifacts import (
     Preprocessing,
     VariantRecord,
     WeightsRecord,
+    serving_contract,
+    verify_contract,
     write_labels,
     write_manifest,
 )
 from model.checkpoints import sha256_file
+from model.contract import seal_onnx, torchscript_extra_files
 from model.hiera import BuiltModel, ServingHiera
 from model.labels import class_names
 from model.parity import TOLERANCE, Runner, eager_runner, measure, onnx_runner, torchscript_runner
@@ -94,12 +97,14 @@ def export_onnx(module: ServingHiera, path: Path, example: torch.Tensor, opset: 
         )
 
 
-def export_torchscript(module: ServingHiera, path: Path, example: torch.Tensor) -> None:
-    """Trace the module and save it; the trace runs at any batch size (checked by parity)."""
+def export_torchscript(
+    module: ServingHiera, path: Path, example: torch.Tensor, extra_files: dict[str, str]
+) -> None:
+    """Trace the module and save it with `extra_files`; the trace runs at any batch size."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path), _extra_files=extra_files)
 
 
 def export_repository(
@@ -117,6 +122,7 @@ def export_repository(
 
     Full-precision artifacts must match eager PyTorch on seeded inputs (parity); the int8
     artifact must agree with it on real photos (`calibration_dir`, default the packaged set).
+    Each artifact carries the manifest's serving fields sealed inside it (model.contract).
     """
     step = on_step or (lambda _msg: None)
     formats = parse_formats(formats)
@@ -132,10 +138,15 @@ def export_repository(
     reference = eager_runner(built.module)
 
     with _staging(target) as folder:
+        # Labels first: their sha256 is part of the contract sealed into every artifact.
+        names, ids = class_names(built.variant)
+        labels_sha = write_labels(folder, names, ids, built.variant.label_subset)
+        skeleton = _manifest(built, name, {}, labels_sha)
         artifacts: dict[ArtifactKind, Artifact] = {}
         for kind in formats:
             step(f"exporting {kind}")
-            artifacts[kind] = _export_one(kind, built.module, folder, example, opset)
+            contract = serving_contract(skeleton, kind, _PRECISION.get(kind, "fp32"))
+            artifacts[kind] = _export_one(kind, built.module, folder, example, opset, contract)
             runner = _runner_for(kind, folder / artifacts[kind].file)
             if kind == "onnx_int8":
                 step(f"checking {kind} agreement with eager PyTorch fp32 on real photos")
@@ -152,19 +163,26 @@ def export_repository(
             )
             _require_parity(kind, parity)
             artifacts[kind] = artifacts[kind].model_copy(update={"parity": parity})
-        step("writing labels and manifest")
-        names, ids = class_names(built.variant)
-        labels_sha = write_labels(folder, names, ids, built.variant.label_subset)
-        write_manifest(folder, _manifest(built, name, artifacts, labels_sha))
+        step("writing the manifest")
+        manifest = skeleton.model_copy(update={"artifacts": artifacts})
+        for kind in artifacts:
+            verify_contract(folder, manifest, kind)  # what was sealed is what the manifest says
+        write_manifest(folder, manifest)
     return target
 
 
 def _export_one(
-    kind: ArtifactKind, module: ServingHiera, folder: Path, example: torch.Tensor, opset: int
+    kind: ArtifactKind,
+    module: ServingHiera,
+    folder: Path,
+    example: torch.Tensor,
+    opset: int,
+    contract: dict[str, Any],
 ) -> Artifact:
+    """Write one artifact with `contract` sealed inside it, then take its checksum."""
     path = folder / ARTIFACT_FILES[kind]
     if kind == "torchscript":
-        export_torchscript(module, path, example)
+        export_torchscript(module, path, example, torchscript_extra_files(contract))
         details: dict[str, object] = {"method": "torch.jit.trace", "trace_batch": _TRACE_BATCH}
     elif kind == "onnx":
         export_onnx(module, path, example, opset)
@@ -177,6 +195,8 @@ def _export_one(
         half = copy.deepcopy(module).half()
         export_onnx(half, path, example.half(), opset)
         details = {"opset": opset, "exporter": "torch.onnx (dynamo=False)", "io_dtype": "float16"}
+    if kind != "torchscript":
+        seal_onnx(path, contract)
     return Artifact(
         file=path.name,
         sha256=sha256_file(path),

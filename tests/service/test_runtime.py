@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import service.runtime.onnx as onnx_module
-from model.artifacts import RepositoryError, VariantRecord
+from model.artifacts import ManifestMismatch, RepositoryError, VariantRecord
 from model.hiera import BuiltModel, build
+from model.variants import Variant
 from service.runtime.base import BackendError
 from service.runtime.devices import resolve_devices
 from service.runtime.loader import _rebuild, export_on_the_fly, open_repository, plan
@@ -507,12 +508,30 @@ def test_eager_plan_from_custom_variant_repository_rebuilds_the_same_model(
 
 
 def test_eager_plan_from_custom_variant_repository_refuses_different_weights(
+    micro_repository: Path, micro_variant: Variant, tmp_path: Path
+) -> None:
+    # weights.source is the one weights field not sealed in the artifacts (a checkpoint may
+    # move): point it at other weights, and the rebuild's state sha256 gives them away.
+    other = tmp_path / "other.pth"
+    torch.save(build(micro_variant, "random", seed=1).module.backbone.state_dict(), other)
+
+    def change(manifest: dict[str, object]) -> None:
+        manifest["weights"]["source"] = str(other)  # type: ignore[index]
+
+    model = with_manifest_changes(micro_repository, tmp_path, change)
+    settings = Settings(model_repository=model, backend="eager", device="cpu")
+
+    with pytest.raises(BackendError, match="differ"):
+        plan(settings)
+
+
+def test_eager_plan_refuses_an_edited_weights_sha_at_load(
     micro_repository: Path, tmp_path: Path
 ) -> None:
     model = with_manifest_changes(micro_repository, tmp_path, alter_state_sha)
     settings = Settings(model_repository=model, backend="eager", device="cpu")
 
-    with pytest.raises(BackendError, match="differ"):
+    with pytest.raises(ManifestMismatch, match=f'weights.state_sha256 is "{"0" * 64}"'):
         plan(settings)
 
 
