@@ -60,6 +60,25 @@ def eval_batch(photos: Sequence[Path], variant: Variant) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
+def on_photos(
+    reference: Runner,
+    candidate: Runner,
+    variant: Variant,
+    *,
+    weights_random: bool,
+    calibration_dir: Path | None = None,
+) -> AgreementFigures:
+    """Measure agreement on `calibration_dir`'s photos (default: the packaged set)."""
+    return measure_agreement(
+        reference,
+        candidate,
+        eval_batch(calibration_photos(calibration_dir), variant),
+        source=str(calibration_dir) if calibration_dir else "packaged (model/calibration)",
+        weights_random=weights_random,
+        min_cosine=MIN_COSINE,  # read now, so a caller (or test) can tighten it
+    )
+
+
 def measure_agreement(
     reference: Runner,
     candidate: Runner,

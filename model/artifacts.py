@@ -123,6 +123,10 @@ class Manifest(_Frozen):
     labels_sha256: str
     label_subset: str | None
     artifacts: dict[ArtifactKind, Artifact]
+    # Runtime autocast modes measured against fp32 on real photos at export, keyed
+    # "backend:precision" ("eager:bf16", "torchscript:bf16"); the service refuses a mode whose
+    # figures did not pass. Not sealed in the artifacts: no artifact is served differently.
+    autocast: dict[str, AgreementFigures] = Field(default_factory=dict)
     versions: dict[str, str]
     created_at: str
 

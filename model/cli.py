@@ -147,6 +147,17 @@ def _print_summary(console: Console, target: object, seconds: float) -> None:
             f"{parity.embedding_min_cosine:.6f}",
             "-",
         )
+    for mode, agree in manifest.autocast.items():  # runtime modes: no artifact of their own
+        verdict = "" if agree.passed else " [red]under the bound: refused at serving[/]"
+        table.add_row(
+            f"{mode} (autocast)",
+            "bf16",
+            "-",
+            "-",
+            "-",
+            f"{agree.embedding_min_cosine:.6f} ({agree.photos} photos){verdict}",
+            f"{agree.top1_agreement:.2f}",
+        )
     console.print(table)
 
 

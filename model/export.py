@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from model.agreement import calibration_photos, eval_batch, measure_agreement
+from model.agreement import on_photos
 from model.artifacts import (
     ARTIFACT_FILES,
     AgreementFigures,
@@ -150,7 +150,13 @@ def export_repository(
             runner = _runner_for(kind, folder / artifacts[kind].file)
             if kind == "onnx_int8":
                 step(f"checking {kind} agreement with eager PyTorch fp32 on real photos")
-                agreement = _agreement(built, reference, runner, calibration_dir)
+                agreement = on_photos(
+                    reference,
+                    runner,
+                    built.variant,
+                    weights_random=built.weights.is_random,
+                    calibration_dir=calibration_dir,
+                )
                 _require_agreement(kind, agreement)
                 artifacts[kind] = artifacts[kind].model_copy(update={"agreement": agreement})
                 continue
@@ -163,8 +169,10 @@ def export_repository(
             )
             _require_parity(kind, parity)
             artifacts[kind] = artifacts[kind].model_copy(update={"parity": parity})
+        step("checking bf16 autocast agreement with eager PyTorch fp32 on real photos")
+        autocast = _autocast_agreement(built, reference, folder, artifacts, calibration_dir)
         step("writing the manifest")
-        manifest = skeleton.model_copy(update={"artifacts": artifacts})
+        manifest = skeleton.model_copy(update={"artifacts": artifacts, "autocast": autocast})
         for kind in artifacts:
             verify_contract(folder, manifest, kind)  # what was sealed is what the manifest says
         write_manifest(folder, manifest)
@@ -231,20 +239,32 @@ def quantize_int8(source: Path, path: Path) -> dict[str, object]:
     }
 
 
-def _agreement(
-    built: BuiltModel, reference: Runner, candidate: Runner, calibration_dir: Path | None
-) -> AgreementFigures:
-    from model import agreement
+def _autocast_agreement(
+    built: BuiltModel,
+    reference: Runner,
+    folder: Path,
+    artifacts: dict[ArtifactKind, Artifact],
+    calibration_dir: Path | None,
+) -> dict[str, AgreementFigures]:
+    """Measure `--precision bf16` (CPU autocast) per torch backend that can serve this export.
 
-    photos = calibration_photos(calibration_dir)
-    return measure_agreement(
-        reference,
-        candidate,
-        eval_batch(photos, built.variant),
-        source=str(calibration_dir) if calibration_dir else "packaged (model/calibration)",
-        weights_random=built.weights.is_random,
-        min_cosine=agreement.MIN_COSINE,  # read now, so a caller (or test) can tighten it
-    )
+    Eager and TorchScript autocast differently (the traced graph gets its own casts), so each
+    has its own figures. A mode under the bound is recorded, not fatal: fp32 still serves.
+    """
+    runners = {"eager:bf16": eager_runner(built.module, autocast=torch.bfloat16)}
+    if "torchscript" in artifacts:
+        path = folder / artifacts["torchscript"].file
+        runners["torchscript:bf16"] = torchscript_runner(path, autocast=torch.bfloat16)
+    return {
+        mode: on_photos(
+            reference,
+            runner,
+            built.variant,
+            weights_random=built.weights.is_random,
+            calibration_dir=calibration_dir,
+        )
+        for mode, runner in runners.items()
+    }
 
 
 def _require_agreement(kind: str, agreement: AgreementFigures) -> None:

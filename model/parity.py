@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,23 +20,24 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 
 
-def eager_runner(module: torch.nn.Module) -> Runner:
-    """Run the eager module on numpy input."""
+def eager_runner(module: torch.nn.Module, *, autocast: torch.dtype | None = None) -> Runner:
+    """Run the module on numpy input on the CPU, under CPU autocast to `autocast` if given."""
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
+        cast = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), cast:
             logits, embedding = module(torch.from_numpy(batch))
         return logits.float().numpy(), embedding.float().numpy()
 
     return run
 
 
-def torchscript_runner(path: Path) -> Runner:
-    """Load a TorchScript file and run it on numpy input."""
+def torchscript_runner(path: Path, *, autocast: torch.dtype | None = None) -> Runner:
+    """Load a TorchScript file and run it on numpy input (see eager_runner)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "jit is deprecated": still the format
         scripted = torch.jit.load(str(path), map_location="cpu").eval()
-    return eager_runner(scripted)
+    return eager_runner(scripted, autocast=autocast)
 
 
 def onnx_runner(path: Path, *, threads: int = 0) -> Runner:

@@ -81,10 +81,11 @@ def plan(settings: Settings) -> LoadPlan:
         repo = open_repository(settings.model_repository)
     elif settings.backend == "eager":
         built = build(settings.variant, settings.weights or "", seed=settings.seed)
-        return LoadPlan(_card_from_built(built), _eager_instances(built, settings, devices))
+        card = _with_autocast(_card_from_built(built), settings, None, built)
+        return LoadPlan(card, _eager_instances(built, settings, devices))
     else:
         repo, _ = export_on_the_fly(settings)
-    card = _card_from_manifest(repo)
+    card = _with_autocast(_card_from_manifest(repo), settings, repo, None)
     if settings.backend == "eager":
         built = _rebuild(repo.manifest, settings.seed)
         return LoadPlan(card, _eager_instances(built, settings, devices))
@@ -94,9 +95,50 @@ def plan(settings: Settings) -> LoadPlan:
     card = replace(
         card,
         artifact=record.file,
-        agreement=record.agreement.model_dump() if record.agreement is not None else None,
+        agreement=record.agreement.model_dump() if record.agreement else card.agreement,
     )
     return LoadPlan(card, _artifact_instances(artifact, settings, devices, card))
+
+
+def _with_autocast(
+    card: ModelCard, settings: Settings, repo: ModelRepository | None, built: BuiltModel | None
+) -> ModelCard:
+    """For `--precision bf16`, show its agreement with fp32 on /v1/models, or refuse it.
+
+    A repository carries the figures measured at export; a model built from weights without
+    one is measured now, on the packaged photos (two forward passes of 8 images).
+    """
+    if settings.precision != "bf16":
+        return card
+    mode = f"{settings.backend}:bf16"
+    if repo is not None:
+        figures = repo.manifest.autocast.get(mode)
+        if figures is None:
+            raise RepositoryError(
+                f"{repo.path} records no {mode} agreement with fp32 (it was exported before "
+                "hiera-export measured it); re-export it to serve --precision bf16"
+            )
+    else:
+        assert built is not None
+        import torch
+
+        from model.agreement import on_photos
+        from model.parity import eager_runner
+
+        log.info("measuring %s agreement with fp32 on the packaged photos", mode)
+        figures = on_photos(
+            eager_runner(built.module),
+            eager_runner(built.module, autocast=torch.bfloat16),
+            built.variant,
+            weights_random=built.weights.is_random,
+        )
+    if not figures.passed:
+        raise BackendError(
+            f"{mode} embeddings agree with fp32 only down to cosine "
+            f"{figures.embedding_min_cosine:.5f} on {figures.photos} photos (bound "
+            f"{figures.min_cosine_bound}); refusing to serve it: use --precision fp32"
+        )
+    return replace(card, agreement=figures.model_dump())
 
 
 def open_repository(path: Path) -> ModelRepository:

@@ -101,3 +101,37 @@ def test_measure_agreement_counts_top1_and_top5() -> None:
     assert figures.embedding_min_cosine == pytest.approx(-1.0)
     assert figures.embedding_mean_cosine == pytest.approx(0.5)
     assert not figures.passed
+
+
+def test_export_records_bf16_autocast_agreement_per_torch_backend(
+    micro_repository: Path, micro_model: BuiltModel
+) -> None:
+    manifest = ModelRepository.load(micro_repository).manifest
+    assert set(manifest.autocast) == {"eager:bf16", "torchscript:bf16"}
+    photos = calibration_photos()
+    # Recompute without the code under test's runners: fp32 vs bf16 autocast, eager module.
+    batch = torch.from_numpy(eval_batch(photos, micro_model.variant))
+    with torch.inference_mode():
+        _, fp32 = micro_model.module(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, bf16 = micro_model.module(batch)
+    cos = torch.nn.functional.cosine_similarity(fp32.double(), bf16.double()).numpy()
+    eager = manifest.autocast["eager:bf16"]
+    assert eager.photos == len(photos) == 8 and eager.passed
+    assert eager.embedding_min_cosine == pytest.approx(float(cos.min()), abs=1e-6)
+    assert eager.embedding_min_cosine < 1.0  # bf16 really ran: the answers moved
+    traced = manifest.autocast["torchscript:bf16"]
+    assert traced.passed and traced.embedding_min_cosine < 1.0
+    # The traced graph autocasts with its own casts: not the same numbers as eager.
+    assert traced.embedding_mean_cosine != eager.embedding_mean_cosine
+
+
+def test_bf16_under_the_bound_is_recorded_not_fatal(
+    micro_model: BuiltModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agreement, "MIN_COSINE", 1.01)  # nothing reaches a cosine above 1
+    target = export_repository(micro_model, tmp_path, formats=("onnx",))
+    figures = ModelRepository.load(target).manifest.autocast
+    assert set(figures) == {"eager:bf16"}  # no TorchScript artifact, no TorchScript figures
+    assert figures["eager:bf16"].passed is False
+    assert figures["eager:bf16"].min_cosine_bound == 1.01

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from model.artifacts import ModelRepository
+from model import agreement
+from model.artifacts import MANIFEST_FILE, ModelRepository, RepositoryError
 from model.export import export_repository
 from model.hiera import BuiltModel
 from service.app import create_app
 from service.imaging import decode_and_preprocess
+from service.runtime import loader
+from service.runtime.base import BackendError
+from service.runtime.loader import plan
+from service.settings import Settings
 from tests.service.helpers import (
     MICRO_PP,
     make_image,
@@ -60,6 +66,60 @@ async def test_fp32_reports_its_artifact_and_no_agreement(int8_repository: Path)
         models = (await client.get("/v1/models")).json()["models"][0]
     assert models["precision"] == "fp32" and models["artifact"] == "model.onnx"
     assert models["agreement"] is None
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "eager"])
+async def test_bf16_shows_the_agreement_recorded_for_its_backend(
+    micro_repository: Path, micro_model: BuiltModel, backend: str
+) -> None:
+    data = make_image(6)
+    _, want = reference(micro_model, data)
+    async with serving(micro_repository, backend=backend, precision="bf16") as client:
+        response = await client.post(
+            "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert response.status_code == 200, response.text
+    got = np.asarray(response.json()["embedding"])
+    assert 0.99 <= _cosine(got, want) < 1.0  # bf16: close to fp32, not equal
+    recorded = ModelRepository.load(micro_repository).manifest.autocast[f"{backend}:bf16"]
+    assert models["precision"] == "bf16"
+    assert models["agreement"] == recorded.model_dump()
+
+
+def test_bf16_without_a_repository_is_measured_at_load(
+    micro_model: BuiltModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "build", lambda *_args, **_kwargs: micro_model)  # not tiny
+    settings = Settings(weights="random", backend="eager", device="cpu", precision="bf16")
+    card = plan(settings).card
+    assert card.agreement is not None
+    assert card.agreement["photos"] == 8 and card.agreement["source"].startswith("packaged")
+    assert card.agreement["passed"] and card.agreement["embedding_min_cosine"] < 1.0
+
+
+def test_bf16_under_the_bound_refuses_to_serve(
+    micro_model: BuiltModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agreement, "MIN_COSINE", 1.01)
+    target = export_repository(micro_model, tmp_path, formats=("onnx",))
+    settings = Settings(model_repository=target, backend="eager", device="cpu", precision="bf16")
+    with pytest.raises(BackendError, match=r"eager:bf16 .* refusing to serve it"):
+        plan(settings)
+    # fp32 from the same repository still serves.
+    assert plan(settings.model_copy(update={"precision": "fp32"})).card.agreement is None
+
+
+def test_bf16_from_a_repository_without_figures_asks_for_a_re_export(
+    micro_model: BuiltModel, tmp_path: Path
+) -> None:
+    target = export_repository(micro_model, tmp_path, formats=("onnx",))
+    raw = ModelRepository.load(target).manifest.model_dump(mode="json")
+    del raw["autocast"]  # as a format-2 export from before bf16 was measured
+    (target / MANIFEST_FILE).write_text(json.dumps(raw))
+    settings = Settings(model_repository=target, backend="eager", device="cpu", precision="bf16")
+    with pytest.raises(RepositoryError, match=r"records no eager:bf16 agreement.*re-export"):
+        plan(settings)
 
 
 def _noisy_jpeg(width: int, height: int) -> bytes:
