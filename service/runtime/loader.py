@@ -220,6 +220,7 @@ def _artifact_instances(
             precision=settings.precision,
             providers=settings.onnx_providers,
             intra_op_threads=settings.intra_op_threads,
+            spinning=settings.intra_op_spinning,
             gpu=gpu,
         )
 

@@ -32,6 +32,7 @@ class OnnxBackend:
         precision: str,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        spinning: bool = False,
         gpu: ep.GpuOptions | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -43,6 +44,9 @@ class OnnxBackend:
         gpu = gpu or ep.GpuOptions()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # Spinning threads keep a core busy between operators: fine on a dedicated CPU, but in
+        # a server the same cores decode images and run the event loop.
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.stream: torch.cuda.Stream | None = None
         per_provider = [ep.provider_options(p, self._device_id, gpu) for p in chosen]

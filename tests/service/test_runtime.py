@@ -381,6 +381,21 @@ def test_onnx_plan_picks_the_artifact_for_the_precision(
     assert logits.dtype == embedding.dtype == np.float32
 
 
+@pytest.mark.parametrize(("spinning", "entry"), [(False, "0"), (True, "1")])
+def test_onnx_sessions_spin_only_when_asked(
+    micro_repository: Path, spinning: bool, entry: str
+) -> None:
+    settings = Settings(
+        model_repository=micro_repository, device="cpu", intra_op_threads=2,
+        intra_op_spinning=spinning,
+    )  # fmt: skip
+    (_, factory), *_ = plan(settings).instances
+    session = factory()._session  # type: ignore[attr-defined]
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+    assert options.intra_op_num_threads == 2
+
+
 def test_torchscript_plan_uses_model_ts(
     micro_repository: Path, micro_model: BuiltModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
