@@ -140,5 +140,6 @@ def percentiles(seconds: list[float]) -> dict[str, float] | None:
     if not seconds:
         return None
     ms = sorted(1e3 * s for s in seconds)
-    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else ms * 99
+    # Inclusive: percentiles stay within the samples (exclusive extrapolates past the max).
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
     return {"p50": q[49], "p95": q[94], "p99": q[98], "mean": statistics.fmean(ms)}

@@ -92,6 +92,28 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overload_table(report: dict[str, Any]) -> str:
+    """Render `hiera-bench --overload` as Markdown: rejections and acceptances, per phase."""
+    sustained = report["sustained"]["images_per_s"]
+    lines = [
+        f"`{report['model']}`, {report['machine'].get('cpu', '')}, sustained "
+        f"{sustained:.1f} img/s (closed loop); `{report['command']}`",
+        "",
+        "| phase | requests | statuses | rejected p50 / p99 / max ms | accepted p50 / p99 ms "
+        "| rejections without Retry-After |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in (("open", report["open"]), ("burst", report["burst"])):
+        label = f"open loop {run['rate']:.1f}/s" if name == "open" else "burst, all at once"
+        rej, acc = run["rejected_ms"], run["accepted_ms"]
+        lines.append(
+            f"| {label} | {run['requests']} | {run['statuses']} | "
+            f"{_ms(rej, 'p50')} / {_ms(rej, 'p99')} / {_ms(rej, 'max')} | "
+            f"{_ms(acc, 'p50')} / {_ms(acc, 'p99')} | {run['rejections_without_retry_after']} |"
+        )
+    return "\n".join(lines)
+
+
 def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     """Draw latency vs offered load and throughput vs batch size; return the PNG paths."""
     import matplotlib

@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
     p.add_argument("--image", type=Path, default=Path("examples/grace_hopper.jpg"))
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
+    over = p.add_argument_group(
+        "overload mode", "--overload: rejection latency at a multiple of capacity and in a burst"
+    )
+    over.add_argument(
+        "--overload", action="store_true", help="measure how fast overload is refused"
+    )
+    over.add_argument("--queue-size", type=int, default=8, help="hiera-serve --max-queue-size")
+    over.add_argument("--factor", type=float, default=3.0, help="offered load / sustained rate")
+    over.add_argument("--burst", type=int, default=200, help="requests written at once")
     front = p.add_argument_group(
         "front-end mode", "--frontend: the model is a sleep; CPU ms per request by stage"
     )
@@ -90,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _frontend(args)
     if args.model_repository is None:
         parser.error("--model-repository is required (except with --frontend)")
+    if args.overload:
+        return _overload(args)
     load_before = os.getloadavg()
     image = resized_jpeg(500, 375)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -342,6 +353,47 @@ def _frontend(args: argparse.Namespace) -> int:
     frontend.print_table(report)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"frontend-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _overload(args: argparse.Namespace) -> int:
+    from bench import overload
+
+    image = resized_jpeg(500, 375, args.image)
+    serve = [
+        sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
+        "--device", args.device, "--max-batch-size", str(args.max_batch_size),
+        "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", str(args.queue_size),
+        "--request-timeout-s", str(args.deadline_s), "--log-level", "warning",
+    ]  # fmt: skip
+    with _server(serve) as url:
+        host, port = url.removeprefix("http://").split(":")
+        print(f"closed loop, {args.concurrency} clients, for the sustained rate", flush=True)
+        closed = asyncio.run(
+            load.closed_loop(url, image, concurrency=args.concurrency, seconds=args.seconds)
+        )
+        rate = args.factor * closed["images_per_s"]
+        print(f"open loop at {args.factor:g}x = {rate:.1f}/s", flush=True)
+        opened = asyncio.run(
+            overload.open_loop(host, int(port), image, rate=rate, seconds=args.seconds)
+        )
+        time.sleep(args.deadline_s)  # let the accepted ones finish before the burst
+        print(f"burst of {args.burst}", flush=True)
+        burst = asyncio.run(overload.burst(host, int(port), image, count=args.burst))
+    report = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(args.device),
+        "model": ModelRepository.load(args.model_repository).manifest.name,
+        "command": " ".join(serve[1:]),
+        "sustained": {k: closed[k] for k in ("images_per_s", "statuses", "latency_ms")},
+        "open": opened,
+        "burst": burst,
+    }
+    print("\n" + report_md.overload_table(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"overload-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0

@@ -124,3 +124,27 @@ def test_targets_are_judged_from_the_numbers() -> None:
     }
     slower = _report(raw_best_images_per_s=15.1)  # 14 / 15.1 = 0.927
     assert not targets(slower)[0]["met"]
+
+
+@pytest.mark.slow
+def test_overload_mode_times_refusals_in_the_open_loop_and_a_burst(
+    micro_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "--model-repository", str(micro_repository), "--overload", "--seconds", "1",
+        "--concurrency", "4", "--max-batch-size", "1", "--queue-size", "1", "--burst", "40",
+        "--factor", "4", "--deadline-s", "2", "--out", str(tmp_path),
+    ])  # fmt: skip
+    assert code == 0
+    (result,) = tmp_path.glob("overload-*.json")
+    report = json.loads(result.read_text())
+    assert "--max-queue-size 1" in report["command"]
+    sustained = report["sustained"]["images_per_s"]
+    assert report["open"]["rate"] == pytest.approx(4 * sustained)
+    burst = report["burst"]
+    assert burst["requests"] == 40 == sum(burst["statuses"].values())
+    assert set(burst["statuses"]) <= {"200", "429"}  # every request answered, none failed
+    assert burst["statuses"]["429"] > 0 and burst["rejections_without_retry_after"] == 0
+    rejected = burst["rejected_ms"]
+    assert 0 < rejected["p50"] <= rejected["p99"] <= rejected["max"]
+    assert "| burst, all at once | 40 |" in capsys.readouterr().out
