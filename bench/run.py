@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         "--loads",
         default="0.5,1,2",
         help="open-loop offered loads, as multiples of hiera-serve's closed-loop throughput",
+    )
+    p.add_argument(
+        "--serve-args",
+        default="",
+        help="extra hiera-serve arguments, e.g. '--thread-niceness 0' (one string)",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the plain FastAPI app")
     p.add_argument("--no-draft", action="store_true", help="skip the --jpeg-draft measurement")
@@ -221,7 +227,7 @@ def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[st
         sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
         "--device", args.device, "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--request-timeout-s", str(args.deadline_s),
-        "--log-level", "warning",
+        "--log-level", "warning", *shlex.split(args.serve_args),
     ]  # fmt: skip
     baseline = [
         sys.executable, "-m", "bench.baseline_app", "--model-repository",
@@ -367,6 +373,7 @@ def _overload(args: argparse.Namespace) -> int:
         "--device", args.device, "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", str(args.queue_size),
         "--request-timeout-s", str(args.deadline_s), "--log-level", "warning",
+        *shlex.split(args.serve_args),
     ]  # fmt: skip
     with _server(serve) as url:
         host, port = url.removeprefix("http://").split(":")

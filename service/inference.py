@@ -29,6 +29,7 @@ from service.runtime.base import BackendError
 from service.runtime.devices import cuda_uuids
 from service.runtime.loader import ModelCard, plan
 from service.runtime.pool import InputSpec, RuntimePool
+from service.runtime.threads import lower_priority
 from service.runtime_health import RuntimeBroken, RuntimeHealth
 from service.settings import Settings
 
@@ -97,7 +98,12 @@ class InferenceService:
         self.providers: list[str] = []
         self.decode_device = "cpu"
         self._decode_on = decode_on
-        self._decoder = ThreadPoolExecutor(settings.decode_threads, "hiera-decode")
+        self._decoder = ThreadPoolExecutor(
+            settings.decode_threads,
+            "hiera-decode",
+            initializer=lower_priority,
+            initargs=(settings.thread_niceness,),
+        )
         self._device_decoder: DecodeBatcher | None = None
         self.loaded = asyncio.Event()  # set when loading ends, successfully or not
         self.admission: Admission | None = None
@@ -133,6 +139,7 @@ class InferenceService:
                 inputs=InputSpec((3, height, width), pp.mean, pp.std),
                 max_batch_size=self.settings.max_batch_size,
                 time_batches=self.settings.batch_cap_from_warmup,
+                niceness=self.settings.thread_niceness,
             )
             self.batch_cap = self.pool.batch_cap(self.settings.max_batch_size)
             self._device_decoder = await asyncio.to_thread(

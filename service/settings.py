@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         "default a request that finds every instance idle is dispatched at once",
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads decoding images")
+    thread_niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="nice value added to the decode and inference threads (Linux), so the "
+        "event loop, which accepts, refuses and answers requests, gets a core first when the "
+        "model keeps every core busy; 0 = same priority",
+    )
     jpeg_draft: bool = Field(
         False,
         description="decode large JPEGs at reduced scale (libjpeg DCT scaling): faster, but "

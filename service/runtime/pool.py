@@ -20,6 +20,7 @@ import numpy as np
 from service.runtime.base import Backend
 from service.runtime.feed import Feeder
 from service.runtime.loader import BackendFactory
+from service.runtime.threads import lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class RuntimePool:
         inputs: InputSpec,
         max_batch_size: int,
         time_batches: bool = False,
+        niceness: int = 0,
     ) -> RuntimePool:
         """Create every instance in its own thread and warm it at every batch size.
 
@@ -83,7 +85,11 @@ class RuntimePool:
         per_image: dict[int, float] = {}
         try:
             for index, (device, factory) in enumerate(factories):
-                thread = ThreadPoolExecutor(1, thread_name_prefix=f"hiera-infer-{index}")
+                # The backend is built on its own thread, so threads it starts inherit the
+                # lower priority (service.runtime.threads).
+                thread = ThreadPoolExecutor(
+                    1, f"hiera-infer-{index}", initializer=lower_priority, initargs=(niceness,)
+                )
                 try:
                     backend = await asyncio.wrap_future(thread.submit(factory))
                 except BaseException:
