@@ -26,18 +26,18 @@ PIXEL_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 8e6, 1.6e7, 3.2e7, 6.
 
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 
-# What became of an inference request, by the status it was answered with. Every request an
-# inference route receives ends in exactly one, so /metrics alone shows
-#   hiera_requests_received_total == sum of hiera_request_outcomes_total over `outcome`
-# (plus the requests in flight at the moment of the scrape).
-OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "timed_out", "failed")
 # The ASGI scope key an inference route sets when it counts a request received, so the
 # middleware counts one outcome for exactly those requests.
 RECEIVED_SCOPE_KEY = "hiera.received"
 
 
 def outcome_of(status: int) -> str:
-    """Return the outcome an answer with HTTP `status` counts as."""
+    """Return the outcome an answer with HTTP `status` counts as.
+
+    Every request an inference route receives ends in exactly one outcome, so /metrics alone
+    shows `hiera_requests_received_total` == the sum of `hiera_request_outcomes_total` over
+    ok, rejected, invalid, cancelled, timed_out and failed (plus the requests in flight).
+    """
     if status < 400:
         return "ok"
     if status in (429, 503):  # at capacity, loading, broken or shutting down: retry elsewhere
