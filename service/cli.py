@@ -57,6 +57,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from service.server import DrainingServer
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -91,7 +92,7 @@ def serve(
         access_log=False,  # per-request data lives in /metrics; ids go in X-Request-ID
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain=app.state.service.drain)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler it found
     # here; a no-op one lets a graceful shutdown end with exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,16 +15,11 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from service.errors import ApiError
+from service.errors import ClientDisconnected
+
+__all__ = ["ClientDisconnected", "until_disconnect"]
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(ApiError):
-    """The client closed its connection before its answer was ready (nginx's 499)."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "client_disconnected", "the client closed the connection")
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.batching import (
     BatcherClosed,
@@ -52,6 +53,13 @@ class NotReady(ApiError):
         )
 
 
+class ClientDisconnected(ApiError):
+    """The client closed its connection before its answer was ready (nginx's 499)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_disconnected", "the client closed the connection")
+
+
 _IMAGE_STATUS: dict[type[ImageError], int] = {
     EmptyImage: 400,
     CorruptImage: 400,
@@ -66,6 +74,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     """Map any exception to the ApiError a client sees; unknown ones become a generic 500."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnect):  # the client hung up while its body was read
+        return ClientDisconnected()
     if isinstance(exc, ImageError):
         return ApiError(_IMAGE_STATUS.get(type(exc), 400), exc.code, str(exc))
     if isinstance(exc, QueueFull):

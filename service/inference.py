@@ -116,6 +116,7 @@ class InferenceService:
         # True once shutdown had to leave a hung model thread behind: the process must then
         # exit without joining it.
         self.abandoned_threads = False
+        self._drain_by: float | None = None  # set when shutdown begins
 
     @property
     def broken(self) -> bool:
@@ -198,7 +199,8 @@ class InferenceService:
             "ready: %s on %s x%d in %.1f s", card.name, self.backend_name, self.pool.size,
             time.perf_counter() - started,
         )  # fmt: skip
-        self._set_state("ready", "ok")
+        if self.state == "loading":  # not if shutdown began while the model loaded
+            self._set_state("ready", "ok")
 
     def fail(self, exc: BaseException) -> None:
         """Mark the service not ready after a load failure, a backend error or a dead worker."""
@@ -222,18 +224,30 @@ class InferenceService:
         if self._on_broken is not None:
             self._on_broken(exc)
 
-    async def close(self) -> None:
-        """Stop accepting, finish queued work within the drain timeout, release the model."""
-        if self.state != "failed":
-            self._set_state("draining", "shutting down")
+    async def drain(self) -> None:
+        """Stop admitting; finish queued and running work within the drain timeout, 503 the rest.
+
+        The server calls it as soon as shutdown begins, while connections are still open, so
+        every waiting client gets its answer (a result, or 503 `shutting_down`) within the
+        drain timeout even when a batch hangs. Calling it again waits within the same deadline.
+        """
+        if self._drain_by is None:
+            self._drain_by = time.monotonic() + self.settings.drain_timeout_s
+            if self.state != "failed":
+                self._set_state("draining", "shutting down")
         await self.health.stop()
-        drain_by = time.monotonic() + self.settings.drain_timeout_s
         if self.batcher is not None:
-            await self.batcher.close(drain=True, timeout=self.settings.drain_timeout_s)
+            left = max(self._drain_by - time.monotonic(), 0.0)
+            await self.batcher.close(drain=True, timeout=left)
+
+    async def close(self) -> None:
+        """Drain (if shutdown has not already), then release the model."""
+        await self.drain()
+        assert self._drain_by is not None
         if self.pool is not None:
             # A hung backend call must not stretch shutdown past the drain timeout (plus a
             # moment for instances that are merely finishing).
-            grace = max(drain_by - time.monotonic(), 0.0) + 0.5
+            grace = max(self._drain_by - time.monotonic(), 0.0) + 0.5
             if not await self.pool.close(timeout=grace):
                 self.abandoned_threads = True
         self._decoder.shutdown(wait=False, cancel_futures=True)

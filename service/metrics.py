@@ -26,6 +26,28 @@ PIXEL_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 8e6, 1.6e7, 3.2e7, 6.
 
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 
+# The ASGI scope key an inference route sets when it counts a request received, so the
+# middleware counts one outcome for exactly those requests.
+RECEIVED_SCOPE_KEY = "hiera.received"
+
+
+def outcome_of(status: int) -> str:
+    """Return the outcome an answer with HTTP `status` counts as.
+
+    Every request an inference route receives ends in exactly one outcome, so /metrics alone
+    shows `hiera_requests_received_total` == the sum of `hiera_request_outcomes_total` over
+    ok, rejected, invalid, cancelled, timed_out and failed (plus the requests in flight).
+    """
+    if status < 400:
+        return "ok"
+    if status in (429, 503):  # at capacity, loading, broken or shutting down: retry elsewhere
+        return "rejected"
+    if status == 499:  # the client hung up first
+        return "cancelled"
+    if status == 504:
+        return "timed_out"
+    return "invalid" if status < 500 else "failed"
+
 
 class Metrics:
     """The service's metrics; one instance per app so tests get isolated registries.
@@ -45,6 +67,19 @@ class Metrics:
         r = None if self.multiprocess_dir else self.registry
         self.requests = Counter(
             "hiera_requests", "HTTP requests answered.", ["endpoint", "status"], registry=r
+        )
+        self.received = Counter(
+            "hiera_requests_received",
+            "Inference requests received (one per HTTP request, whatever its image count).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "hiera_request_outcomes",
+            "Inference requests answered, once each, by outcome: ok, rejected (429/503), "
+            "invalid (other 4xx), cancelled (client hung up), timed_out (504), failed (5xx).",
+            ["endpoint", "outcome"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "hiera_request_duration_seconds",
@@ -129,6 +164,8 @@ class Metrics:
         # Label children cached per label set: endpoints, stages and statuses are few.
         self._stage_children: dict[tuple[str, str], Histogram] = {}
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._received_children: dict[str, Counter] = {}
+        self._outcome_children: dict[tuple[str, int], Counter] = {}
         # Every worker serves the same model, so the answering worker's own info is the
         # service's (an Info metric has no multiprocess form).
         self.model_info = Info("hiera_model", "The model being served.", registry=self.registry)
@@ -152,8 +189,17 @@ class Metrics:
             child = self._stage_children[key] = self.stage_duration.labels(endpoint, stage)
         return child
 
-    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
-        """Count one answered request and observe its duration."""
+    def request_received(self, endpoint: str) -> None:
+        """Count one inference request received; `request_done(received=True)` ends it."""
+        child = self._received_children.get(endpoint)
+        if child is None:
+            child = self._received_children[endpoint] = self.received.labels(endpoint)
+        child.inc()
+
+    def request_done(
+        self, endpoint: str, status: int, seconds: float, *, received: bool = False
+    ) -> None:
+        """Count one answered request (and its outcome, if it was received) and its duration."""
         children = self._request_children.get((endpoint, status))
         if children is None:
             children = self._request_children[(endpoint, status)] = (
@@ -162,6 +208,14 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+        if received:
+            # Created on first use: a probe or a scrape never shows up as an outcome series.
+            outcome = self._outcome_children.get((endpoint, status))
+            if outcome is None:
+                outcome = self._outcome_children[(endpoint, status)] = self.outcomes.labels(
+                    endpoint, outcome_of(status)
+                )
+            outcome.inc()
 
     def ready_workers(self) -> int:
         """Return how many live workers are ready (multiprocess mode: read every worker's file)."""

@@ -7,9 +7,9 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, to_api_error
 from service.logs import request_id_var
-from service.metrics import Metrics
+from service.metrics import RECEIVED_SCOPE_KEY, Metrics
 
 _ID_HEADER = b"x-request-id"
 
@@ -54,11 +54,12 @@ class RequestContextMiddleware:
             if status is not None:
                 raise
             await error_response(exc)(scope, receive, send_with_id)
-            self.metrics.failures.labels(reason="internal_error").inc()
+            self.metrics.failures.labels(reason=to_api_error(exc).code).inc()
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
-            self.metrics.request_done(_endpoint(scope), status or 500, elapsed)
+            received = bool(scope.get(RECEIVED_SCOPE_KEY))
+            self.metrics.request_done(_endpoint(scope), status or 500, elapsed, received=received)
             request_id_var.reset(token)
 
     def _too_large(self) -> ApiError:

@@ -153,7 +153,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="level")
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="on shutdown, finish queued requests for at most this long"
+        30.0,
+        ge=0,
+        description="on shutdown, finish queued and running requests for at most this long; "
+        "those still waiting then get 503 shutting_down",
     )
 
     # Access and exposure.

@@ -17,6 +17,7 @@ from service.inference import InferenceService, Outcome
 from service.postprocess import top_k
 from service.responses import JSONResponse
 from service.routes import kserve_codec as codec
+from service.routes.accounting import inference
 from service.routes.protocol import all_or_nothing, protocol_route
 from service.runtime.loader import ModelCard
 from service.schemas import protocol_error_responses
@@ -101,6 +102,7 @@ async def model_ready(name: str, service: ServiceDep, version: str = MODEL_VERSI
 
 @router.post("/models/{name}/infer", summary="Run inference on encoded images or pixels")
 @router.post("/models/{name}/versions/{version}/infer", summary="Run inference on one version")
+@inference
 async def kserve_infer(
     name: str, request: Request, service: ServiceDep, version: str = MODEL_VERSION
 ) -> Response:

@@ -15,6 +15,7 @@ from service.errors import ApiError, error_body, to_api_error
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize, top_k
 from service.responses import JSONResponse
+from service.routes.accounting import AccountedRoute, inference
 from service.schemas import (
     ERROR_RESPONSES,
     BatchResponse,
@@ -25,7 +26,7 @@ from service.schemas import (
 from service.uploads import BATCH_FIELD, SINGLE_FIELD, read_images
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(prefix="/v1", tags=["inference"], route_class=AccountedRoute)
 T = TypeVar("T")
 
 
@@ -55,6 +56,7 @@ Render = Callable[[Outcome], dict[str, Any]]
     openapi_extra=image_body(SINGLE_FIELD, batch=False),
     summary="Top-k ImageNet classes for one image",
 )
+@inference
 async def classify(request: Request, top_k: TopK = 5) -> JSONResponse:
     service = _service(request)
     k = _check_top_k(service, top_k)
@@ -69,6 +71,7 @@ async def classify(request: Request, top_k: TopK = 5) -> JSONResponse:
     openapi_extra=image_body(BATCH_FIELD, batch=True),
     summary="Top-k classes for several images; each answered independently",
 )
+@inference
 async def classify_batch(request: Request, top_k: TopK = 5) -> JSONResponse:
     service = _service(request)
     k = _check_top_k(service, top_k)
@@ -82,6 +85,7 @@ async def classify_batch(request: Request, top_k: TopK = 5) -> JSONResponse:
     openapi_extra=image_body(SINGLE_FIELD, batch=False),
     summary="Pooled Hiera embedding for one image",
 )
+@inference
 async def embed(
     request: Request, normalize: Normalize = True, encoding: Encoding = "float"
 ) -> JSONResponse:
@@ -95,6 +99,7 @@ async def embed(
     openapi_extra=image_body(BATCH_FIELD, batch=True),
     summary="Embeddings for several images; each answered independently",
 )
+@inference
 async def embed_batch(
     request: Request, normalize: Normalize = True, encoding: Encoding = "float"
 ) -> JSONResponse:

@@ -17,6 +17,7 @@ from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize
 from service.responses import JSONResponse
+from service.routes.accounting import inference
 from service.routes.protocol import all_or_nothing, protocol_route
 from service.schemas import protocol_error_responses
 
@@ -103,6 +104,7 @@ _REQUEST_SCHEMA = {
         }
     },
 )
+@inference
 async def openai_embeddings(request: Request, service: ServiceDep) -> JSONResponse:
     deadline = time.monotonic() + service.settings.request_timeout_s
     try:

@@ -8,14 +8,14 @@ from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 
 from service.errors import ApiError, ErrorBody, error_response, to_api_error
+from service.routes.accounting import AccountedRoute
 
 T = TypeVar("T")
 
 
-def protocol_route(body: ErrorBody) -> type[APIRoute]:
+def protocol_route(body: ErrorBody) -> type[AccountedRoute]:
     """Return a route class whose errors keep the status table of errors.py but `body`'s shape.
 
     Domain errors raised anywhere in the handler (the body-size limit included, which fires
@@ -23,7 +23,7 @@ def protocol_route(body: ErrorBody) -> type[APIRoute]:
     native `{"error": {"code", ...}}` shape.
     """
 
-    class ProtocolRoute(APIRoute):
+    class ProtocolRoute(AccountedRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 

@@ -8,7 +8,9 @@ instance, and a free-instance queue decides who goes next.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -162,12 +164,23 @@ class RuntimePool:
         A hung backend call cannot be interrupted: its thread is abandoned (the caller should
         then end the process without joining it) instead of holding shutdown hostage.
         """
-        closing = asyncio.ensure_future(asyncio.to_thread(_close_all, self.instances))
-        done, _ = await asyncio.wait([closing], timeout=timeout)
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+
+        def close_all() -> None:
+            try:
+                _close_all(self.instances)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone after a timeout
+                    loop.call_soon_threadsafe(_resolve, closed)
+
+        # A daemon thread of its own, not asyncio.to_thread: the event loop's default executor
+        # is joined when the loop ends, which would wait out the hung call after all.
+        threading.Thread(target=close_all, name="hiera-pool-close", daemon=True).start()
+        done, _ = await asyncio.wait([closed], timeout=timeout)
         if not done:
             log.error("an instance still runs a batch after %s s; abandoning it", timeout)
             return False
-        closing.result()
         return True
 
 
@@ -209,6 +222,11 @@ def _time_batches(
             runs.append(time.perf_counter() - started)
         per_image[size] = min(runs) / size
     return per_image
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _close_all(instances: Sequence[Instance]) -> None:

@@ -123,22 +123,45 @@ async def test_deadline_gives_504(micro_repository: Path) -> None:
 
 
 async def test_shutdown_drains_accepted_requests(micro_repository: Path) -> None:
-    app = create_app(repository_settings(micro_repository))
+    app = create_app(repository_settings(micro_repository, max_batch_size=1))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         context = app.router.lifespan_context(app)
         await context.__aenter__()
-        await app.state.service.loaded.wait()
+        service = app.state.service
+        await service.loaded.wait()
         gate = _gate(app)
-        pending = asyncio.create_task(client.post("/v1/embed", content=make_image(0), headers=JPEG))
+        running = asyncio.create_task(client.post("/v1/embed", content=make_image(0), headers=JPEG))
         await asyncio.to_thread(gate.entered.wait, 10)
+        queued = asyncio.create_task(client.post("/v1/embed", content=make_image(1), headers=JPEG))
+        await wait_until(lambda: service.batcher.queue_depth == 1)  # not yet sent to the model
         closing = asyncio.create_task(context.__aexit__(None, None, None))
-        await wait_until(lambda: app.state.service.state == "draining")
-        refused = await client.post("/v1/embed", content=make_image(1), headers=JPEG)
+        await wait_until(lambda: service.state == "draining")
+        refused = await client.post("/v1/embed", content=make_image(2), headers=JPEG)
         ready = await client.get("/health/ready")
         gate.opened.set()
-        drained = await pending
+        drained = await asyncio.gather(running, queued)
         await closing
-    assert drained.status_code == 200
-    assert refused.status_code == 503 and ready.status_code == 503
-    assert app.state.service.state == "stopped"
+    # Both accepted requests are answered, the one still queued included.
+    assert [r.status_code for r in drained] == [200, 200]
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "not_ready")
+    assert refused.headers["retry-after"] == "5"
+    assert ready.status_code == 503 and ready.json()["state"] == "draining"
+    assert service.state == "stopped"
+
+
+async def test_drain_timeout_answers_a_hung_request_with_503_and_retry_after(
+    micro_repository: Path,
+) -> None:
+    app = create_app(repository_settings(micro_repository, drain_timeout_s=0.2))
+    async with running(app) as client:
+        gate = _gate(app)
+        stuck = asyncio.create_task(client.post("/v1/embed", content=make_image(0), headers=JPEG))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        await app.state.service.drain()  # what the server does first when shutdown begins
+        answer = await stuck
+        gate.opened.set()
+    assert (answer.status_code, answer.json()["error"]["code"]) == (503, "shutting_down")
+    assert answer.headers["retry-after"] == "5"
+    assert sample(app, "hiera_request_outcomes_total", endpoint="embed", outcome="rejected") == 1
+    assert sample(app, "hiera_requests_received_total", endpoint="embed") == 1

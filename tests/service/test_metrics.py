@@ -99,3 +99,27 @@ def test_registries_are_independent() -> None:
         )
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, "ok"), (400, "invalid"), (401, "invalid"), (404, "invalid"), (413, "invalid"),
+     (415, "invalid"), (422, "invalid"), (429, "rejected"), (499, "cancelled"),
+     (500, "failed"), (503, "rejected"), (504, "timed_out")],
+)  # fmt: skip
+def test_each_answer_of_a_received_request_is_one_outcome(status: int, outcome: str) -> None:
+    metrics = Metrics()
+    metrics.request_received("embed")
+    metrics.request_done("embed", status, 0.01, received=True)
+    metrics.request_done("live", 200, 0.001)  # a probe: answered, but not an inference request
+    value = metrics.registry.get_sample_value
+    assert value("hiera_requests_received_total", {"endpoint": "embed"}) == 1
+    assert value("hiera_request_outcomes_total", {"endpoint": "embed", "outcome": outcome}) == 1
+    assert value("hiera_requests_total", {"endpoint": "live", "status": "200"}) == 1
+    text = generate_latest(metrics.registry).decode()
+    outcome_lines = [
+        line for line in text.splitlines() if line.startswith("hiera_request_outcomes_total")
+    ]
+    assert outcome_lines == [
+        f'hiera_request_outcomes_total{{endpoint="embed",outcome="{outcome}"}} 1.0'
+    ]

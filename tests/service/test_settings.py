@@ -263,10 +263,13 @@ class ServerNeverStarts:
 
     def create_app(self, *args: Any, **kwargs: Any) -> object:
         self.calls.append("create_app")
-        # serve() reads whether shutdown had to abandon a hung model thread.
-        return SimpleNamespace(
-            state=SimpleNamespace(service=SimpleNamespace(abandoned_threads=False))
-        )
+        # serve() hands the server the service's drain, and reads afterwards whether shutdown
+        # had to abandon a hung model thread.
+        service = SimpleNamespace(abandoned_threads=False, drain=self.drain)
+        return SimpleNamespace(state=SimpleNamespace(service=service))
+
+    async def drain(self) -> None:
+        self.calls.append("drain")
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append("server.run")
