@@ -102,7 +102,11 @@ ErrorBody = Callable[[ApiError], Any]
 def error_response(exc: BaseException, body: ErrorBody | None = None) -> JSONResponse:
     """Answer `exc` in the native error shape (or `body`'s), logging server failures in full."""
     error = to_api_error(exc)
-    if error.status >= 500 and not isinstance(exc, ApiError):
+    if error.status in (503, 504):
+        # Expected under overload, at deadlines and while draining: one line, no traceback,
+        # so a burst of them cannot drown the log.
+        log.warning("request answered %d %s: %s", error.status, error.code, error.message)
+    elif error.status >= 500 and not isinstance(exc, ApiError):
         log.error("request failed: %s", error.code, exc_info=exc)
     content = (body or error_body)(error)
     return JSONResponse(content, status_code=error.status, headers=error.headers)
