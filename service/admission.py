@@ -68,15 +68,22 @@ class Admission:
         """Admit `count` images at once, or raise QueueFull (with a retry hint) for all of them."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
-        if self.outstanding + count > self.capacity:
-            raise QueueFull(
-                f"{self.outstanding} images already admitted (capacity {self.capacity}); "
-                f"retry in {self.retry_after_s()} s or add capacity",
-                retry_after_s=self.retry_after_s(),
-            )
+        refused = self.refusal(count)
+        if refused is not None:
+            raise refused
         self.outstanding += count
         self._changed()
         return Ticket(self, count)
+
+    def refusal(self, count: int = 1) -> QueueFull | None:
+        """Return the error `admit(count)` would raise now, or None if it would admit."""
+        if self.outstanding + count <= self.capacity:
+            return None
+        return QueueFull(
+            f"{self.outstanding} images already admitted (capacity {self.capacity}); "
+            f"retry in {self.retry_after_s()} s or add capacity",
+            retry_after_s=self.retry_after_s(),
+        )
 
     def retry_after_s(self) -> int:
         """Return whole seconds until the current backlog should have drained."""

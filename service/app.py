@@ -18,6 +18,7 @@ from service.errors import install_handlers
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
+from service.refusal_gate import RefusalGate
 from service.responses import JSONResponse
 from service.routes import health, kserve_v2, native, openai
 from service.settings import Settings
@@ -83,7 +84,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.service = service
     # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
-    # a preflight and a 401 both carry CORS headers, and a 401 carries a request id).
+    # a preflight and a 401 both carry CORS headers, and a 401 carries a request id), which
+    # wraps the refusal gate (only authenticated callers learn that the service is full).
+    inference_routes = [*native.router.routes, *kserve_v2.router.routes, *openai.router.routes]
+    app.add_middleware(
+        RefusalGate, routes=inference_routes, refusal=service.refusal, metrics=metrics
+    )
     keys = load_keys((k.get_secret_value() for k in settings.api_keys), settings.api_keys_file)
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys, metrics=metrics)

@@ -20,7 +20,7 @@ from model.hiera import WeightsUnavailable
 from model.variants import UnknownVariant
 from service import imaging
 from service.admission import Admission, Ticket
-from service.batching import BatchResult, DynamicBatcher
+from service.batching import BatchResult, DynamicBatcher, QueueFull
 from service.decode_batcher import DecodeBatcher
 from service.errors import ApiError, NotReady
 from service.imaging.device import DEVICE_FORMATS
@@ -261,6 +261,16 @@ class InferenceService:
         if not self.ready or self.admission is None:
             raise NotReady(self.reason)
         return self.admission.admit(count)
+
+    def refusal(self) -> ApiError | QueueFull | None:
+        """Return the error a request would get at admission now, or None if one would pass.
+
+        A cheap look, for refusing at the door (service.refusal_gate); the route still admits
+        for real, so a request that slips past here between two looks is refused there.
+        """
+        if not self.ready or self.admission is None:
+            return NotReady(self.reason)
+        return self.admission.refusal(1)
 
     async def predict(
         self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket | None = None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +22,12 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        # Generated ids: a random prefix per middleware (made when Starlette builds the stack
+        # at the first request, so in the serving process) and a counter. Unique across
+        # processes and restarts like a uuid4, at a fraction of its cost: uuid4 reads the OS's
+        # random source on every call, which showed in profiles of refusal bursts.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,7 +35,11 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         incoming = headers.get(_ID_HEADER, b"").decode("latin-1")[:128]
-        request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex
+        request_id = (
+            incoming
+            if incoming.isprintable() and incoming
+            else f"{self._id_prefix}{next(self._id_counter):016x}"
+        )
         token = request_id_var.set(request_id)
         status: int | None = None
         started = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from service.errors import ErrorBody, error_body
 from service.metrics import RECEIVED_SCOPE_KEY
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,12 +28,21 @@ def inference(endpoint: F) -> F:
     return endpoint
 
 
+def is_inference(route: APIRoute) -> bool:
+    """Tell whether `route` serves an `@inference` endpoint."""
+    return bool(getattr(route.endpoint, _MARK, False))
+
+
 class AccountedRoute(APIRoute):
     """An APIRoute that counts each request to an `@inference` endpoint received, once."""
 
+    # The shape of this route's error bodies (protocols override it), for answers given
+    # before the route runs (service.refusal_gate).
+    error_body: ErrorBody = staticmethod(error_body)
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if not getattr(self.endpoint, _MARK, False):
+        if not is_inference(self):
             return handler
         endpoint = self.name
 

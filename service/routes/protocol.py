@@ -24,6 +24,8 @@ def protocol_route(body: ErrorBody) -> type[AccountedRoute]:
     """
 
     class ProtocolRoute(AccountedRoute):
+        error_body = staticmethod(body)
+
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from service.app import create_app
-from tests.service.helpers import make_image, repository_settings, running, sample
+from tests.service.helpers import make_image, repository_settings, running, sample, serving
 from tests.service.test_lifecycle import JPEG, Gate
 
 
@@ -62,3 +62,15 @@ async def test_every_instance_runs_a_batch_at_once(micro_repository: Path) -> No
         answers = await asyncio.gather(*posts)
     assert entered == [True, True]
     assert [a.status_code for a in answers] == [200, 200]
+
+
+async def test_generated_request_ids_are_unique_and_differ_between_apps(
+    micro_repository: Path,
+) -> None:
+    ids: list[str] = []
+    for _ in range(2):  # two apps stand for two worker processes
+        async with serving(micro_repository) as client:
+            for _ in range(3):
+                ids.append((await client.get("/v1/models")).headers["X-Request-ID"])
+    assert len(set(ids)) == 6 and all(len(i) == 32 and i.isalnum() for i in ids)
+    assert ids[0][:16] == ids[2][:16] != ids[3][:16]  # one prefix per app, a counter after it
