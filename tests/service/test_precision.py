@@ -18,11 +18,11 @@ from service.imaging import decode_and_preprocess
 from tests.service.helpers import (
     MICRO_PP,
     make_image,
-    reference,
     repository_settings,
     running,
     serving,
 )
+from tests.service.reference import reference
 
 
 @pytest.fixture(scope="module")
