@@ -11,8 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from model.hiera import BuiltModel
+from model.export import export_repository
+from model.hiera import BuiltModel, build
+from model.variants import custom_variant
 from service.app import create_app
+from tests.conftest import MICRO_KWARGS
 from tests.service.helpers import make_image, repository_settings, running, sample
 from tests.service.reference import (
     EMBEDDING_ATOL,
@@ -104,6 +107,46 @@ async def test_real_photos_get_timms_answer(
         assert [e["score"] for e in labels] == pytest.approx(
             [scores[e["index"]] for e in labels], rel=1e-4
         ), name
+
+
+@pytest.fixture(scope="module")
+def micro_256_model() -> BuiltModel:
+    """hiera_small_abswin_256's configuration (256 px, crop_pct 0.95) at micro size."""
+    return build(
+        custom_variant("hiera_small_abswin_256", "hiera_micro_256", **MICRO_KWARGS), "random"
+    )
+
+
+@pytest.fixture(scope="module")
+def micro_256_repository(
+    tmp_path_factory: pytest.TempPathFactory, micro_256_model: BuiltModel
+) -> Path:
+    # TorchScript only: this variant's bicubic position-embedding resize has no ONNX export.
+    root = tmp_path_factory.mktemp("model_repository_256")
+    return export_repository(micro_256_model, root, formats=("torchscript",))
+
+
+async def test_a_second_preprocessing_config_is_served_as_timm_defines_it(
+    micro_256_repository: Path, micro_256_model: BuiltModel
+) -> None:
+    # Not 224 px nor crop_pct 0.9: a constant of the first config anywhere in the served
+    # path fails here.
+    uploads = {name: photos()[name] for name in ("jpeg-512x600", "png-500x375")}
+    settings = repository_settings(micro_256_repository, backend="torchscript")
+    async with running(create_app(settings)) as client:
+        answers = [
+            await client.post(
+                "/v1/embed?normalize=false", content=data, headers={"Content-Type": kind}
+            )
+            for data, kind in uploads.values()
+        ]
+        models = (await client.get("/v1/models")).json()["models"][0]
+    assert models["input_size"] == [256, 256]
+    for (name, (data, _)), answer in zip(uploads.items(), answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        _, want = reference(micro_256_model, data)
+        got = np.asarray(answer.json()["embedding"], np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=EMBEDDING_ATOL, err_msg=name)
 
 
 async def test_concurrent_requests_batch_and_answer_their_own_caller(
