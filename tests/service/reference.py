@@ -37,7 +37,7 @@ def upright_rgb(data: bytes) -> Image.Image:
 @functools.cache
 def _eval_transform(backbone: Hiera) -> Callable[[Image.Image], torch.Tensor]:
     # The model's own pretrained_cfg: not the manifest, not service.imaging.Preprocessing.
-    return create_transform(**resolve_data_config(model=backbone))  # type: ignore[no-any-return]
+    return create_transform(**resolve_data_config(model=backbone))
 
 
 def model_input(built: BuiltModel, data: bytes) -> torch.Tensor:

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-from model.export import export_repository
-from model.hiera import BuiltModel, build
-from model.variants import custom_variant
+from model.hiera import BuiltModel
 from service.app import create_app
-from tests.conftest import MICRO_KWARGS
 from tests.service.helpers import make_image, repository_settings, running, sample
 from tests.service.reference import (
-    EMBEDDING_ATOL,
-    photos,
     probabilities,
     reference,
     top_indices,
@@ -74,79 +68,6 @@ async def test_embed_matches_eager_reference(
     decoded = np.frombuffer(base64.b64decode(packed.json()["embedding"]), "<f4")
     np.testing.assert_allclose(decoded, unit_body["embedding"], rtol=0, atol=1e-7)
     assert packed.json()["encoding"] == "base64"
-
-
-async def test_real_photos_get_timms_answer(
-    micro_repository: Path, micro_model: BuiltModel
-) -> None:
-    # JPEG and PNG, greyscale, palette, EXIF-rotated; each resized and cropped. The expected
-    # values come from timm's own transform and forward, so any drift in the served decode,
-    # resize, crop, channel order or normalisation fails here.
-    uploads = photos()
-    app = create_app(repository_settings(micro_repository, max_delay_ms=50.0))
-    async with running(app) as client:
-
-        def post(path: str, data: bytes, kind: str) -> Awaitable[httpx.Response]:
-            return client.post(path, content=data, headers={"Content-Type": kind})
-
-        embedded = await asyncio.gather(
-            *(post("/v1/embed?normalize=false", *upload) for upload in uploads.values())
-        )
-        classified = await asyncio.gather(
-            *(post("/v1/classify?top_k=5", *upload) for upload in uploads.values())
-        )
-    assert [r.status_code for r in embedded + classified] == [200] * 2 * len(uploads)
-    assert max(r.json()["timing"]["batch_size"] for r in embedded) > 1
-    for name, embed, classify in zip(uploads, embedded, classified, strict=True):
-        logits, want = reference(micro_model, uploads[name][0])
-        got = np.asarray(embed.json()["embedding"], np.float32)
-        np.testing.assert_allclose(got, want, rtol=0, atol=EMBEDDING_ATOL, err_msg=name)
-        labels = classify.json()["labels"]
-        assert [e["index"] for e in labels] == top_indices(logits, 5), name
-        scores = probabilities(logits)
-        assert [e["score"] for e in labels] == pytest.approx(
-            [scores[e["index"]] for e in labels], rel=1e-4
-        ), name
-
-
-@pytest.fixture(scope="module")
-def micro_256_model() -> BuiltModel:
-    """hiera_small_abswin_256's configuration (256 px, crop_pct 0.95) at micro size."""
-    return build(
-        custom_variant("hiera_small_abswin_256", "hiera_micro_256", **MICRO_KWARGS), "random"
-    )
-
-
-@pytest.fixture(scope="module")
-def micro_256_repository(
-    tmp_path_factory: pytest.TempPathFactory, micro_256_model: BuiltModel
-) -> Path:
-    # TorchScript only: this variant's bicubic position-embedding resize has no ONNX export.
-    root = tmp_path_factory.mktemp("model_repository_256")
-    return export_repository(micro_256_model, root, formats=("torchscript",))
-
-
-async def test_a_second_preprocessing_config_is_served_as_timm_defines_it(
-    micro_256_repository: Path, micro_256_model: BuiltModel
-) -> None:
-    # Not 224 px nor crop_pct 0.9: a constant of the first config anywhere in the served
-    # path fails here.
-    uploads = {name: photos()[name] for name in ("jpeg-512x600", "png-500x375")}
-    settings = repository_settings(micro_256_repository, backend="torchscript")
-    async with running(create_app(settings)) as client:
-        answers = [
-            await client.post(
-                "/v1/embed?normalize=false", content=data, headers={"Content-Type": kind}
-            )
-            for data, kind in uploads.values()
-        ]
-        models = (await client.get("/v1/models")).json()["models"][0]
-    assert models["input_size"] == [256, 256]
-    for (name, (data, _)), answer in zip(uploads.items(), answers, strict=True):
-        assert answer.status_code == 200, answer.text
-        _, want = reference(micro_256_model, data)
-        got = np.asarray(answer.json()["embedding"], np.float32)
-        np.testing.assert_allclose(got, want, rtol=0, atol=EMBEDDING_ATOL, err_msg=name)
 
 
 async def test_concurrent_requests_batch_and_answer_their_own_caller(
