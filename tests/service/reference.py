@@ -40,19 +40,29 @@ def _eval_transform(backbone: Hiera) -> Callable[[Image.Image], torch.Tensor]:
     return create_transform(**resolve_data_config(model=backbone))
 
 
+def transform(built: BuiltModel, image: Image.Image) -> torch.Tensor:
+    """Return timm's eval transform of an RGB image, as float32 [1, 3, H, W]."""
+    return _eval_transform(built.module.backbone)(image)[None]
+
+
 def model_input(built: BuiltModel, data: bytes) -> torch.Tensor:
     """Return timm's eval transform of an encoded image, as float32 [1, 3, H, W]."""
-    return _eval_transform(built.module.backbone)(upright_rgb(data))[None]
+    return transform(built, upright_rgb(data))
+
+
+def timm_outputs(built: BuiltModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Return timm's (logits [C], embedding [D]) for one model input [1, 3, H, W]."""
+    backbone = built.module.backbone
+    with torch.inference_mode():
+        features = backbone.forward_features(pixels)
+        embedding = backbone.forward_head(features, pre_logits=True)
+        logits = backbone.forward_head(features)
+    return logits[0].numpy(), embedding[0].numpy()
 
 
 def reference(built: BuiltModel, data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Return timm's (logits [C], embedding [D]) for one encoded image, unbatched."""
-    backbone = built.module.backbone
-    with torch.inference_mode():
-        features = backbone.forward_features(model_input(built, data))
-        embedding = backbone.forward_head(features, pre_logits=True)
-        logits = backbone.forward_head(features)
-    return logits[0].numpy(), embedding[0].numpy()
+    return timm_outputs(built, model_input(built, data))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
