@@ -13,12 +13,7 @@ import pytest
 from model.hiera import BuiltModel
 from service.app import create_app
 from tests.service.helpers import make_image, repository_settings, running, sample
-from tests.service.reference import (
-    probabilities,
-    reference,
-    top_indices,
-    unit,
-)
+from tests.service.reference import probabilities, reference, top_indices, unit
 
 
 async def test_classify_matches_eager_reference(
