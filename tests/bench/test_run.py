@@ -11,8 +11,8 @@ import pytest
 from bench.baseline_app import create_baseline_app
 from bench.run import main, targets
 from model.hiera import BuiltModel
-from service.postprocess import softmax
-from tests.service.helpers import make_image, reference
+from tests.service.helpers import make_image
+from tests.service.reference import probabilities, reference, top_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,10 +70,10 @@ async def test_baseline_app_answers_like_the_model(
             "/v1/classify?top_k=3", content=data, headers={"Content-Type": "image/jpeg"}
         )
     assert response.status_code == 200
-    scores = softmax(logits[None])[0]
-    want = np.argsort(-scores, kind="stable")[:3]
+    scores = probabilities(logits)
+    want = top_indices(logits, 3)
     got = response.json()["labels"]
-    assert [g["index"] for g in got] == want.tolist()
+    assert [g["index"] for g in got] == want
     np.testing.assert_allclose([g["score"] for g in got], scores[want], rtol=1e-4)
 
 

@@ -1,4 +1,7 @@
-"""Helpers for the service tests: images, a running app, and reference answers."""
+"""Helpers for the service tests: images, a running app, metrics and real servers.
+
+Expected model answers come from tests/service/reference.py, which does not use the service.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +19,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import torch
 from fastapi import FastAPI
 from PIL import Image
 
-from model.hiera import BuiltModel
 from service.app import create_app
-from service.imaging import Preprocessing, decode_and_preprocess
+from service.imaging import Preprocessing
 from service.settings import Settings
 
 MICRO_PP = Preprocessing(
@@ -42,14 +43,6 @@ def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG")
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def reference(built: BuiltModel, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Return eager (logits, embedding) for one encoded image, unbatched."""
-    tensor, _ = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8)
-    with torch.inference_mode():
-        logits, embedding = built.module(torch.from_numpy(tensor)[None])
-    return logits[0].numpy(), embedding[0].numpy()
 
 
 def repository_settings(repository: Path, **overrides: Any) -> Settings:

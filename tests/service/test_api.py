@@ -12,8 +12,8 @@ import pytest
 
 from model.hiera import BuiltModel
 from service.app import create_app
-from service.postprocess import softmax
-from tests.service.helpers import make_image, reference, repository_settings, running, sample
+from tests.service.helpers import make_image, repository_settings, running, sample
+from tests.service.reference import probabilities, reference, top_indices, unit
 
 
 async def test_classify_matches_eager_reference(
@@ -29,13 +29,12 @@ async def test_classify_matches_eager_reference(
     body = response.json()
     assert body["model"] == "hiera_micro"
     logits, _ = reference(micro_model, data)
-    probabilities = softmax(logits)
-    expected = np.argsort(-probabilities)[:5].tolist()
-    assert [entry["index"] for entry in body["labels"]] == expected
+    scores = probabilities(logits)
+    assert [entry["index"] for entry in body["labels"]] == top_indices(logits, 5)
     labels = app.state.service.card.labels
     for entry in body["labels"]:
         assert entry["label"] == labels[entry["index"]]
-        assert entry["score"] == pytest.approx(probabilities[entry["index"]], abs=1e-5)
+        assert entry["score"] == pytest.approx(scores[entry["index"]], rel=1e-4)
     assert set(body["timing"]) == {
         "decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "batch_size"
     }  # fmt: skip
@@ -51,17 +50,16 @@ async def test_embed_matches_eager_reference(
         raw = await client.post(
             "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/png"}
         )
-        unit = await client.post("/v1/embed", files={"image": ("x.png", data, "image/png")})
+        unit_length = await client.post("/v1/embed", files={"image": ("x.png", data, "image/png")})
         packed = await client.post(
             "/v1/embed?encoding=base64", content=data, headers={"Content-Type": "image/png"}
         )
-    assert raw.status_code == unit.status_code == packed.status_code == 200
-    raw_body, unit_body = raw.json(), unit.json()
+    assert raw.status_code == unit_length.status_code == packed.status_code == 200
+    raw_body, unit_body = raw.json(), unit_length.json()
     assert raw_body["dim"] == 128 and raw_body["normalized"] is False
     np.testing.assert_allclose(raw_body["embedding"], want, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(
-        unit_body["embedding"], want / np.linalg.norm(want), rtol=0, atol=1e-5
-    )
+    np.testing.assert_allclose(unit_body["embedding"], unit(want), rtol=0, atol=1e-5)
+    assert unit_body["normalized"] is True
     decoded = np.frombuffer(base64.b64decode(packed.json()["embedding"]), "<f4")
     np.testing.assert_allclose(decoded, unit_body["embedding"], rtol=0, atol=1e-7)
     assert packed.json()["encoding"] == "base64"
@@ -90,6 +88,9 @@ async def test_concurrent_requests_batch_and_answer_their_own_caller(
     assert sample(app, "hiera_batch_size_sum") == 8
 
 
+UNRECOGNIZED = "the data is not a recognized image; send one of: BMP, GIF, JPEG, MPO, PNG, WEBP"
+
+
 async def test_batch_endpoint_isolates_a_bad_image(
     micro_repository: Path, micro_model: BuiltModel
 ) -> None:
@@ -102,16 +103,27 @@ async def test_batch_endpoint_isolates_a_bad_image(
     async with running(create_app(repository_settings(micro_repository))) as client:
         response = await client.post("/v1/embed/batch?normalize=false", files=files)
         classified = await client.post("/v1/classify/batch?top_k=2", files=files)
-    assert response.status_code == 200
+    assert response.status_code == classified.status_code == 200
+    # A failed item carries only its index and the native error body (README, batch form); a
+    # good one only its index and the single-image answer.
+    failed = {"code": "unsupported_format", "message": UNRECOGNIZED}
+    for answer in (response, classified):
+        results = answer.json()["results"]
+        keys = [set(r) for r in results]
+        assert keys == [{"index", "result"}, {"index", "error"}, {"index", "result"}]
+        assert [r["index"] for r in results] == [0, 1, 2]
+        assert results[1] == {
+            "index": 1,
+            "error": failed | {"request_id": answer.headers["x-request-id"]},
+        }
     results = response.json()["results"]
-    assert [r["index"] for r in results] == [0, 1, 2]
-    assert results[1]["error"]["code"] == "unsupported_format"
-    assert results[1]["result"] is None if "result" in results[1] else True
     for item, data in ((results[0], good[0]), (results[2], good[1])):
         _, want = reference(micro_model, data)
         np.testing.assert_allclose(item["result"]["embedding"], want, rtol=0, atol=1e-4)
     classes = classified.json()["results"]
-    assert len(classes[0]["result"]["labels"]) == 2 and "error" in classes[1]
+    for item, data in ((classes[0], good[0]), (classes[2], good[1])):
+        logits, _ = reference(micro_model, data)
+        assert [e["index"] for e in item["result"]["labels"]] == top_indices(logits, 2)
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import service.app as app_module
 from bench.photos import jpeg_set
 from model.hiera import BuiltModel
 from service.app import create_app
 from service.inference import InferenceService
-from service.runtime.feed import normalize
-from tests.service.helpers import MICRO_PP, make_image, repository_settings, running
-from tests.service.imaging.test_device import reference_crop
+from tests.service.helpers import make_image, repository_settings, running
+from tests.service.reference import reference
 
 
 @pytest.fixture
@@ -26,14 +24,6 @@ def tensor_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Serve with the tensor decoder on the CPU: what --decode-device cuda runs on a GPU."""
     monkeypatch.setattr(app_module, "InferenceService", functools.partial(
         InferenceService, decode_on="cpu"))  # fmt: skip
-
-
-def timm_embedding(built: BuiltModel, data: bytes) -> np.ndarray:
-    """timm's eval transform on a full Pillow decode, then the eager model: independent."""
-    pixels = normalize(reference_crop(data), MICRO_PP.mean, MICRO_PP.std)
-    with torch.inference_mode():
-        _, embedding = built.module(torch.from_numpy(pixels)[None])
-    return embedding[0].numpy()
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,7 +54,7 @@ async def test_jpegs_are_decoded_by_the_tensor_decoder_and_agree_with_timm(
     assert models["decode_device"] == "cpu" and models["providers"] == ["CPUExecutionProvider"]
     for name, reply in zip(names, replies, strict=True):
         got = np.asarray(reply.json()["embedding"], np.float32)
-        assert cosine(got, timm_embedding(micro_model, photos[name])) >= 0.999, name
+        assert cosine(got, reference(micro_model, photos[name])[1]) >= 0.999, name
 
 
 @pytest.mark.usefixtures("tensor_decoding")

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.hiera import BuiltModel
-from tests.service.helpers import free_port, make_image, reference, wait_ok
+from tests.service.helpers import free_port, make_image, wait_ok
+from tests.service.reference import reference
 
 pytestmark = pytest.mark.slow
 

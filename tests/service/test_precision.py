@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from model import agreement
@@ -16,18 +15,22 @@ from model.artifacts import MANIFEST_FILE, ModelRepository, RepositoryError
 from model.export import export_repository
 from model.hiera import BuiltModel
 from service.app import create_app
-from service.imaging import decode_and_preprocess
 from service.runtime import loader
 from service.runtime.base import BackendError
 from service.runtime.loader import plan
 from service.settings import Settings
 from tests.service.helpers import (
-    MICRO_PP,
     make_image,
-    reference,
     repository_settings,
     running,
     serving,
+)
+from tests.service.reference import (
+    EMBEDDING_ATOL,
+    model_input,
+    reference,
+    timm_outputs,
+    transform,
 )
 
 
@@ -134,18 +137,20 @@ async def test_jpeg_decode_is_exact_unless_draft_is_set(
     micro_repository: Path, micro_model: BuiltModel, draft: bool
 ) -> None:
     data = _noisy_jpeg(1600, 1200)  # 1/4-scale draftable for a 248 px resize
-    exact, _ = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8)
-    drafted, decoded = decode_and_preprocess(data, MICRO_PP, max_pixels=10**8, draft=True)
-    assert decoded.image.size == (400, 300)
-    assert np.abs(exact - drafted).mean() > 0.05  # the two paths really differ on this image
-    with torch.inference_mode():
-        _, want = micro_model.module(torch.from_numpy(drafted if draft else exact)[None])
+    exact = model_input(micro_model, data)
+    with Image.open(io.BytesIO(data)) as image:
+        # libjpeg's DCT scaling, down to the smallest size >= timm's 248 px resize target.
+        image.draft("RGB", (248, 248))
+        assert image.size == (400, 300)
+        drafted = transform(micro_model, image.convert("RGB"))
+    assert (exact - drafted).abs().mean() > 0.05  # the two paths really differ on this image
+    _, want = timm_outputs(micro_model, drafted if draft else exact)
     async with serving(micro_repository, jpeg_draft=draft) as client:
         response = await client.post(
             "/v1/embed?normalize=false", content=data, headers={"Content-Type": "image/jpeg"}
         )
     assert response.status_code == 200, response.text
-    np.testing.assert_allclose(response.json()["embedding"], want[0].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(response.json()["embedding"], want, rtol=0, atol=EMBEDDING_ATOL)
 
 
 async def test_warm_up_times_batch_sizes_and_caps_batches(micro_repository: Path) -> None:

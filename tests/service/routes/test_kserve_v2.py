@@ -17,7 +17,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from model.hiera import BuiltModel
-from tests.service.helpers import live_server, make_image, reference, serving
+from tests.service.helpers import live_server, make_image, serving
+from tests.service.reference import probabilities, reference, top_indices
 
 # Tests marked slow share one real server process per module and drive it with real clients;
 # the rest go through the ASGI transport.
@@ -42,13 +43,8 @@ def _labels(repository: Path) -> list[str]:
     return names
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits.astype(np.float64) - logits.max())
-    return np.asarray(exp / exp.sum())
-
-
 def _expected_classes(logits: np.ndarray, labels: list[str], k: int) -> list[tuple[int, str]]:
-    return [(int(i), labels[i]) for i in np.argsort(-logits, kind="stable")[:k]]
+    return [(i, labels[i]) for i in top_indices(logits, k)]
 
 
 @pytest.mark.slow
@@ -104,9 +100,9 @@ def test_encoded_images_with_classification(
         # Binary BYTES come back as bytes, JSON ones as str.
         parsed = [(e.decode() if isinstance(e, bytes) else e).split(":", 2) for e in classes[row]]
         assert [(int(i), label) for _, i, label in parsed] == _expected_classes(logits, labels, 4)
-        probabilities = _softmax(logits)
+        scores = probabilities(logits)
         for score, index, _ in parsed:
-            assert float(score) == pytest.approx(probabilities[int(index)], abs=1e-5)
+            assert float(score) == pytest.approx(scores[int(index)], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -202,7 +198,7 @@ async def test_raw_binary_protocol_without_content_type(
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert classes_spec["datatype"] == "BYTES" and classes_spec["shape"] == [1, 2]
     indices = [int(e.split(":")[1]) for e in classes_spec["data"]]
-    assert indices == np.argsort(-logits, kind="stable")[:2].tolist()
+    assert indices == top_indices(logits, 2)
 
 
 _NAN = np.full((1, 3, 224, 224), np.nan, "<f4").tobytes()

@@ -14,7 +14,8 @@ import pytest
 from langchain_openai import OpenAIEmbeddings
 
 from model.hiera import BuiltModel
-from tests.service.helpers import live_server, make_image, reference, serving
+from tests.service.helpers import live_server, make_image, serving
+from tests.service.reference import reference, unit
 
 # Tests marked slow share one real server process per module and drive it with real clients;
 # the rest go through the ASGI transport.
@@ -31,10 +32,6 @@ def _data_uri(data: bytes, kind: str = "jpeg") -> str:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / np.linalg.norm(vector.astype(np.float64))
-
-
 @pytest.mark.slow
 def test_openai_client_base64_default_and_float(server: str, micro_model: BuiltModel) -> None:
     images = [make_image(s, fmt="PNG" if s % 2 else "JPEG") for s in range(3)]
@@ -48,7 +45,7 @@ def test_openai_client_base64_default_and_float(server: str, micro_model: BuiltM
     assert packed.usage.prompt_tokens == 0
     for data, a, b in zip(images, packed.data, floats.data, strict=True):
         _, want = reference(micro_model, data)
-        np.testing.assert_allclose(a.embedding, _unit(want), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.embedding, unit(want), rtol=0, atol=1e-5)
         # Requests may land in batches of other sizes: ORT's sums differ in the last bits.
         np.testing.assert_allclose(a.embedding, b.embedding, rtol=0, atol=1e-5)
     single = client.embeddings.create(model="m", input=inputs[0], dimensions=128)
@@ -95,7 +92,7 @@ def test_langchain_embeddings(server: str, micro_model: BuiltModel) -> None:
     query = embedder.embed_query(_data_uri(images[0]))
     for data, got in zip(images, documents, strict=True):
         _, want = reference(micro_model, data)
-        np.testing.assert_allclose(got, _unit(want), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, unit(want), rtol=0, atol=1e-5)
     np.testing.assert_allclose(query, documents[0], rtol=0, atol=1e-5)
 
 
@@ -123,7 +120,7 @@ async def test_every_input_form_embeds_the_same_image(
     _, want = reference(micro_model, data)
     for item in body["data"]:
         assert item["object"] == "embedding"
-        np.testing.assert_allclose(item["embedding"], _unit(want), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(item["embedding"], unit(want), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
