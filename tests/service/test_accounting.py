@@ -15,6 +15,7 @@ import base64
 import json
 import struct
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,18 +153,26 @@ def test_every_request_received_has_exactly_one_outcome(
                         clients.send("kserve_infer", **_kserve(image)),
                         clients.send("openai_embeddings", **_openai(image)),
                     ]
-                burst += [
-                    clients.send(
-                        "classify", content=b"hello", headers={"Content-Type": "text/plain"}
-                    ),
-                    clients.send("classify", query="?top_k=0", content=make_image(4), headers=JPEG),
-                    clients.send("embed", content=CORRUPT, headers=JPEG),
-                    clients.send("kserve_infer", content=b"{not json"),
-                    clients.send("openai_embeddings", json={"input": "data:,"}),
-                    clients.hang_up_mid_upload(url),
-                ]
-                await asyncio.gather(*burst)
+
+                def invalid() -> list[Coroutine[Any, Any, Any]]:
+                    return [
+                        clients.send(
+                            "classify", content=b"hello", headers={"Content-Type": "text/plain"}
+                        ),
+                        clients.send(
+                            "classify", query="?top_k=0", content=make_image(4), headers=JPEG
+                        ),
+                        clients.send("embed", content=CORRUPT, headers=JPEG),
+                        clients.send("kserve_infer", content=b"{not json"),
+                        clients.send("openai_embeddings", json={"input": "data:,"}),
+                    ]
+
+                # While full, bad requests are refused at the door like good ones (429).
+                await asyncio.gather(*burst, *invalid())
                 await asyncio.gather(first, *waiting_tasks)
+                # With room again: the same bad requests get their 4xx, and an upload is
+                # abandoned halfway (499).
+                await asyncio.gather(*invalid(), clients.hang_up_mid_upload(url))
                 # One batch that raises (failed), then every API served once more (ok); the
                 # batch request's corrupt image fails only its own entry.
                 server.command(fail=1)
