@@ -3,6 +3,11 @@
 Every image counts from the moment it is admitted until its answer is ready, so the count
 covers images being decoded, queued and running. A request for n images is admitted whole or
 refused whole, and a refusal carries a Retry-After computed from the measured drain rate.
+
+A request is also refused when the images already admitted would keep the model busy past
+its deadline (at the recent model time per image): under sustained overload the excess then
+gets a 429 at once instead of a 504 when its deadline runs out, and the model's time goes to
+requests that can still be answered in time. An idle service admits anything.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class Admission:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[int], None] | None = None,
+        max_wait_s: float | None = None,
+        backlog_seconds: Callable[[int], float | None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -63,6 +70,9 @@ class Admission:
         self._on_change = on_change
         # Recent completion times: their count over their span is the drain rate.
         self._completions: deque[float] = deque(maxlen=_RATE_SAMPLES)
+        # The request deadline, and the model time n images need (None while unmeasured).
+        self._max_wait_s = max_wait_s
+        self._backlog_seconds = backlog_seconds
 
     def admit(self, count: int = 1) -> Ticket:
         """Admit `count` images at once, or raise QueueFull (with a retry hint) for all of them."""
@@ -77,13 +87,22 @@ class Admission:
 
     def refusal(self, count: int = 1) -> QueueFull | None:
         """Return the error `admit(count)` would raise now, or None if it would admit."""
-        if self.outstanding + count <= self.capacity:
-            return None
-        return QueueFull(
-            f"{self.outstanding} images already admitted (capacity {self.capacity}); "
-            f"retry in {self.retry_after_s()} s or add capacity",
-            retry_after_s=self.retry_after_s(),
-        )
+        if self.outstanding + count > self.capacity:
+            return QueueFull(
+                f"{self.outstanding} images already admitted (capacity {self.capacity}); "
+                f"retry in {self.retry_after_s()} s or add capacity",
+                retry_after_s=self.retry_after_s(),
+            )
+        if self.outstanding and self._max_wait_s and self._backlog_seconds is not None:
+            backlog = self._backlog_seconds(self.outstanding + count)
+            if backlog is not None and backlog > self._max_wait_s:
+                return QueueFull(
+                    f"{self.outstanding} images already admitted need about {backlog:.1f} s "
+                    f"of model time, past the {self._max_wait_s:g} s request timeout; retry "
+                    f"in {self.retry_after_s()} s or add capacity",
+                    retry_after_s=self.retry_after_s(),
+                )
+        return None
 
     def retry_after_s(self) -> int:
         """Return whole seconds until the current backlog should have drained."""

@@ -190,8 +190,18 @@ class DynamicBatcher:
         # Smoothed duration of a batch: an item that cannot finish before its deadline is not
         # sent to the model, whose time then goes to requests that can still be answered.
         self._batch_seconds = 0.0
+        # Smoothed model time per image, and how many batches run at once: what admission
+        # needs to tell whether a backlog can still clear before a new request's deadline.
+        self._image_seconds = 0.0
+        self._concurrency = concurrency
         self._closing = False
         self._failed: BaseException | None = None
+
+    def backlog_seconds(self, images: int) -> float | None:
+        """Estimate the model time `images` images need at the recent pace (None: no batch yet)."""
+        if self._image_seconds == 0:
+            return None
+        return images * self._image_seconds / self._concurrency
 
     @property
     def queue_depth(self) -> int:
@@ -390,6 +400,12 @@ class DynamicBatcher:
             # Exponential average: follows load changes within a few batches.
             self._batch_seconds = (
                 elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
+            )
+            per_image = elapsed / size
+            self._image_seconds = (
+                per_image
+                if self._image_seconds == 0
+                else 0.8 * self._image_seconds + 0.2 * per_image
             )
             outputs = BatchOutputs(logits, embedding)
             for i, p in enumerate(batch):

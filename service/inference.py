@@ -163,6 +163,8 @@ class InferenceService:
             self.admission = Admission(
                 self.settings.max_queue_size + self.pool.size * self.settings.max_batch_size,
                 on_change=self.metrics.admitted.set,
+                max_wait_s=self.settings.request_timeout_s,
+                backlog_seconds=self.batcher.backlog_seconds,
             )
             await self.batcher.start()
             self.health.watch(self.pool.instances)

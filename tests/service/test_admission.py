@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.admission import Admission
@@ -96,3 +97,74 @@ def test_every_admit_and_release_reports_the_outstanding_count() -> None:
     ticket.release_all()  # what a batch request's route does when it finishes
     ticket.release_all()  # nothing left: no report
     assert seen == [4, 3, 0]
+
+
+def test_refuses_what_the_backlog_cannot_finish_before_the_deadline() -> None:
+    per_image = {"s": 0.5}
+    admission = Admission(100, max_wait_s=2.0, backlog_seconds=lambda n: n * per_image["s"])
+    first = admission.admit(4)  # idle: admitted whatever it needs (4 x 0.5 s = 2 s)
+    with pytest.raises(QueueFull, match=r"need about 2\.5 s of model time, past the 2 s"):
+        admission.admit(1)  # 5 images at 0.5 s: past the 2 s deadline
+    assert admission.refusal(1) is not None and admission.outstanding == 4
+    per_image["s"] = 0.25  # the model got faster (bigger batches): room again
+    second = admission.admit(4)
+    first.release_all()
+    second.release_all()
+    big = admission.admit(50)  # idle again: even 25 s of work is admitted, never starved
+    big.release_all()
+
+
+def test_no_deadline_refusal_before_the_model_time_is_measured() -> None:
+    admission = Admission(10, max_wait_s=0.1, backlog_seconds=lambda n: None)
+    tickets = [admission.admit(1) for _ in range(10)]
+    assert admission.outstanding == 10
+    for ticket in tickets:
+        ticket.release_all()
+
+
+async def test_the_batcher_measures_model_time_per_image() -> None:
+    from service.batching import DynamicBatcher
+
+    async def infer(batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        await asyncio.sleep(0.05 * len(batch))
+        return np.zeros((len(batch), 2), np.float32), np.zeros((len(batch), 2), np.float32)
+
+    batcher = DynamicBatcher(
+        infer, collate=list, max_batch_size=4, max_delay_ms=1, max_queue_size=8, concurrency=2
+    )
+    assert batcher.backlog_seconds(10) is None  # nothing measured yet
+    await batcher.start()
+    try:
+        image = np.zeros((3, 4, 4), np.uint8)
+        await asyncio.gather(*(batcher.submit(image) for _ in range(4)))
+    finally:
+        await batcher.close()
+    estimate = batcher.backlog_seconds(10)
+    assert estimate is not None
+    assert 10 * 0.05 / 2 <= estimate < 10 * 0.08 / 2  # 10 images, 50 ms each, 2 at once
+
+
+async def test_the_service_refuses_what_cannot_finish_before_the_timeout(
+    micro_repository: Path,
+) -> None:
+    settings = repository_settings(micro_repository, max_batch_size=1, request_timeout_s=1.0)
+    app = create_app(settings)
+    async with running(app) as client:
+        gate = _gate(app)
+        # One image that holds the model for 0.6 s: the measured model time per image.
+        first = asyncio.create_task(client.post("/v1/embed", content=make_image(0), headers=JPEG))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        await asyncio.sleep(0.6)
+        gate.opened.set()
+        assert (await first).status_code == 200
+        gate.opened.clear()
+        gate.entered.clear()
+        # One admitted image holds the model again; a second would need about 1.2 s: refused.
+        held = asyncio.create_task(client.post("/v1/embed", content=make_image(1), headers=JPEG))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        refused = await client.post("/v1/embed", content=make_image(2), headers=JPEG)
+        gate.opened.set()
+        answered = await held
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert answered.status_code == 200  # the one admitted still made its deadline
