@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="threads per instance; 0 = runtime default")
     intra_op_spinning: bool = Field(
-        False,
-        description="let ONNX Runtime's intra-op threads busy-wait between operators; off: on "
-        "CPUs they would take cores from decoding and the event loop",
+        True,
+        description="let ONNX Runtime's intra-op threads busy-wait between operators (its "
+        "default): 10-20% lower latency at light load on a CPU; --no-intra-op-spinning when "
+        "the cores are oversubscribed (more instances x threads than cores)",
     )
     instances_per_device: int = Field(1, ge=1, le=64, description="model instances per device")
     decode_device: Literal["auto", "cpu", "cuda"] = Field(
