@@ -398,9 +398,12 @@ def _overload(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     with _server(serve) as url:
         host, port = url.removeprefix("http://").split(":")
-        print(f"closed loop, {args.concurrency} clients, for the sustained rate", flush=True)
+        # No more clients than the capacity: clients refused at once would retry at once, and
+        # the refusals would eat the CPU that the sustained rate is meant to measure.
+        clients = min(args.concurrency, args.queue_size + args.max_batch_size)
+        print(f"closed loop, {clients} clients, for the sustained rate", flush=True)
         closed = asyncio.run(
-            load.closed_loop(url, image, concurrency=args.concurrency, seconds=args.seconds)
+            load.closed_loop(url, image, concurrency=clients, seconds=args.seconds)
         )
         rate = args.factor * closed["images_per_s"]
         print(f"open loop at {args.factor:g}x = {rate:.1f}/s", flush=True)

@@ -161,7 +161,7 @@ class InferenceService:
             # Everything admitted counts: images decoding, queued, and one batch per instance
             # running, so decode work can never pile up beyond what the queue would hold.
             self.admission = Admission(
-                self.settings.max_queue_size + self.pool.size * self.settings.max_batch_size,
+                self.settings.max_queue_size + self.pool.size * self.batch_cap,
                 on_change=self.metrics.admitted.set,
                 max_wait_s=self.settings.request_timeout_s,
                 backlog_seconds=self.batcher.backlog_seconds,

@@ -2,11 +2,13 @@
 
 Under overload most requests are refused, and a refusal should cost almost nothing: the
 ones behind it in the event loop wait for it. Going through FastAPI (routing, dependencies,
-reading the body, raising and handling QueueFull) costs several times what answering does,
-so a burst of hundreds of requests took hundreds of milliseconds to refuse. This gate looks
-at the admission count before any of that and answers 429 (or 503 while loading or
-draining) straight away, in the route's own error shape, counted like any other answer.
+buffering and parsing the body, raising and handling QueueFull) costs several times what
+answering does, so a burst of hundreds of requests took hundreds of milliseconds to refuse.
+This gate looks at the admission count before any of that and answers 429 (or 503 while
+loading or draining) straight away, in the route's own error shape, counted like any other
+answer.
 The route still admits for real: the gate only refuses what admission would refuse now.
+The body is read and dropped before answering (see `_discard_body`), not parsed.
 """
 
 from __future__ import annotations
@@ -60,4 +62,19 @@ class RefusalGate:
         self.metrics.request_received(route.name)
         scope[RECEIVED_SCOPE_KEY] = True
         self.metrics.failures.labels(reason=to_api_error(refused).code).inc()
+        await _discard_body(receive)
         await error_response(refused, route.error_body)(scope, receive, send)
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Read the request body to its end without keeping it.
+
+    The answer does not need it, but a server that closes a connection with request bytes
+    still unread makes the kernel send RST, and the client can lose the answer with it
+    (ECONNRESET). Reading costs copies only, nothing like routing and parsing; the body
+    limit still applies, and a client that hangs up ends it.
+    """
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return

@@ -168,3 +168,30 @@ async def test_the_service_refuses_what_cannot_finish_before_the_timeout(
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "queue_full"
     assert answered.status_code == 200  # the one admitted still made its deadline
+
+
+async def test_capacity_follows_the_batch_cap_the_batcher_really_uses(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.runtime.pool import RuntimePool
+
+    # Warm-up found that batching does not pay: batches stay at 1 although up to 4 are allowed.
+    monkeypatch.setattr(RuntimePool, "batch_cap", lambda self, max_batch_size: 1)
+    settings = repository_settings(micro_repository, max_batch_size=4, max_queue_size=2)
+    app = create_app(settings)
+    async with running(app) as client:
+        gate = _gate(app)
+        held = [
+            asyncio.create_task(client.post("/v1/embed", content=make_image(i), headers=JPEG))
+            for i in range(3)
+        ]
+        await asyncio.to_thread(gate.entered.wait, 10)
+        await wait_until(lambda: app.state.service.admission.outstanding == 3)
+        await wait_until(lambda: app.state.service.batcher.queue_depth == 2)
+        refused = await client.post("/v1/embed", content=make_image(9), headers=JPEG)
+        gate.opened.set()
+        answers = await asyncio.gather(*held)
+    # 2 queued + 1 running: what the batcher can hold. Admitting a 4th (capacity 2 + 1 x 4)
+    # would only have had the batcher refuse it after decoding.
+    assert app.state.service.admission.capacity == 3
+    assert refused.status_code == 429 and [a.status_code for a in answers] == [200] * 3

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pytest
 from fastapi import FastAPI
 
 from service.app import create_app
+from tests.service.fault_server import commanded_server
 from tests.service.helpers import make_image, repository_settings, running, sample
+from tests.service.test_failures_e2e import poll, scrape, value
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -83,3 +90,45 @@ async def test_a_service_that_is_not_ready_refuses_with_503(micro_repository: Pa
         refused = await client.post("/v1/classify", content=b"x", headers=JPEG)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
     assert refused.headers["Retry-After"] == "5"
+
+
+@pytest.mark.slow
+def test_a_refused_upload_gets_its_whole_answer_over_a_real_socket(
+    micro_repository: Path, tmp_path: Path
+) -> None:
+    # Capacity 2 (queue 1 + one batch of 1); batches stall, so two requests fill it.
+    args = ("--max-queue-size", "1", "--max-batch-size", "1", "--no-batch-cap-from-warmup")
+    with commanded_server(micro_repository, tmp_path, *args) as server:
+        server.command(delay_s=3.0)
+        parts = urlsplit(server.url)
+        host, port = parts.hostname or "", parts.port or 0
+        holders = [
+            threading.Thread(target=_raw_post, args=(host, port, make_image(0))) for _ in range(2)
+        ]
+        for holder in holders:
+            holder.start()
+        poll(lambda: value(scrape(server.url), "hiera_admitted_images") == 2, "full", server)
+        # A large upload, refused before its body is parsed: the server must still read it
+        # to its end before closing, or the client's socket gets RST and loses the 429.
+        body = make_image(1, size=(1600, 1200)) * 8
+        answers = [_raw_post(host, port, body) for _ in range(5)]
+        for holder in holders:
+            holder.join(20)
+    assert [a[0] for a in answers] == [b"HTTP/1.1 429 Too Many Requests"] * 5
+    for status_line, payload in answers:
+        assert status_line.startswith(b"HTTP/1.1 429"), status_line
+        assert json.loads(payload)["error"]["code"] == "queue_full"
+
+
+def _raw_post(host: str, port: int, body: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: hiera\r\nContent-Type: image/jpeg\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], payload
