@@ -400,7 +400,8 @@ def _overload(args: argparse.Namespace) -> int:
         host, port = url.removeprefix("http://").split(":")
         # No more clients than the capacity: clients refused at once would retry at once, and
         # the refusals would eat the CPU that the sustained rate is meant to measure.
-        clients = min(args.concurrency, args.queue_size + args.max_batch_size)
+        batching = httpx.get(f"{url}/v1/models", timeout=10).json()["models"][0]["batching"]
+        clients = min(args.concurrency, batching["capacity"])
         print(f"closed loop, {clients} clients, for the sustained rate", flush=True)
         closed = asyncio.run(
             load.closed_loop(url, image, concurrency=clients, seconds=args.seconds)

@@ -127,6 +127,8 @@ async def models(service: ServiceDep) -> JSONResponse:
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_size": settings.max_queue_size,
             "instances": len(service.devices),
+            # Images admitted at once (decoding, queued, running); past it: 429.
+            "capacity": service.admission.capacity if service.admission else None,
             "request_timeout_s": settings.request_timeout_s,
         },
     }

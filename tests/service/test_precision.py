@@ -162,6 +162,8 @@ async def test_warm_up_times_batch_sizes_and_caps_batches(micro_repository: Path
     assert sorted(timed) == [1, 2, 4] and all(t > 0 for t in timed.values())
     best = min(timed.values())
     assert batching["batch_cap"] == min(s for s, t in timed.items() if t <= best * 1.05)
+    # What is admitted at once follows the cap: queue + one capped batch per instance.
+    assert batching["capacity"] == settings.max_queue_size + batching["batch_cap"]
     assert batching["ms_per_image_by_batch_size"] == {
         str(s): round(1e3 * t, 3) for s, t in timed.items()
     }
