@@ -128,25 +128,16 @@ class Server:
 @contextlib.contextmanager
 def commanded_server(repository: Path, tmp_path: Path, *args: str) -> Iterator[Server]:
     """Run this module as a real server on a free port; yield it once /health/ready is 200."""
-    from tests.service.helpers import free_port, wait_ok
+    from tests.service.helpers import ready_process
 
-    port = free_port()
     log, control = tmp_path / "server.log", tmp_path / "faults.json"
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", CONTROL_ENV: str(control)}
-    command = [
-        sys.executable, "-m", "tests.service.fault_server", "--model-repository",
-        str(repository), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-        "--intra-op-threads", "1", "--log-format", "text", *args,
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", process, control, log)
-    try:
-        wait_ok(f"{server.url}/health/ready", process, log, within_s=90)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+    module = "tests.service.fault_server"
+    args = ("--log-format", "text", *args)
+    with ready_process(module, repository, log, *args, env={CONTROL_ENV: str(control)}) as (
+        url,
+        process,
+    ):
+        yield Server(url, process, control, log)
 
 
 def main() -> int:

@@ -113,21 +113,31 @@ def wait_ok(
 
 
 @contextlib.contextmanager
-def live_server(repository: Path, log: Path, *args: str) -> Iterator[str]:
-    """Run a real `hiera-serve` on 127.0.0.1:<free port>, yield its URL once it is ready."""
+def ready_process(
+    module: str, repository: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `python -m module` as a server on 127.0.0.1:<free port>; yield (url, process) once
+    /health/ready is 200, and kill it afterwards."""
     port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [
-        sys.executable, "-m", "service.cli", "--model-repository", str(repository),
+        sys.executable, "-m", module, "--model-repository", str(repository),
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
         "--intra-op-threads", "1", *args,
     ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | (env or {})
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ok(f"{url}/health/ready", process, log, within_s=90)
-        yield url
+        yield url, process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@contextlib.contextmanager
+def live_server(repository: Path, log: Path, *args: str) -> Iterator[str]:
+    """Run a real `hiera-serve` on 127.0.0.1:<free port>, yield its URL once it is ready."""
+    with ready_process("service.cli", repository, log, *args) as (url, _):
+        yield url

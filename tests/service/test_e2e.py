@@ -37,7 +37,8 @@ def server(micro_repository: Path, tmp_path: Path) -> Iterator[Server]:
     log = tmp_path / "server.log"
     process = _serve(
         "--model-repository", str(micro_repository), "--port", str(port), "--device", "cpu",
-        "--max-batch-size", "4", "--max-delay-ms", "50", "--intra-op-threads", "1", log=log,
+        "--max-batch-size", "4", "--max-delay-ms", "50", "--intra-op-threads", "1",
+        "--no-batch-cap-from-warmup", log=log,  # batches must form: no timed cap of 1
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
