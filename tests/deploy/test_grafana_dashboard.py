@@ -20,7 +20,8 @@ TARGET_LABELS = {"instance", "job"}
 UNOBSERVED = {"hiera_dropped_total": {"reason"}}
 # What the issue asks the dashboard to show, by the series that carry it.
 REQUIRED = {
-    "hiera_requests_total",  # request rate by status
+    "hiera_request_outcomes_total",  # inference requests by outcome
+    "hiera_requests_received_total",  # ... and received: the accounting equation
     "hiera_stage_duration_seconds_bucket",  # p50/p99 per stage
     "hiera_batch_size_bucket",  # batch size distribution
     "hiera_queue_depth",
@@ -103,17 +104,17 @@ def test_provisioning_loads_this_dashboard_from_the_compose_mount() -> None:
 def test_the_check_catches_unknown_metrics_and_labels() -> None:
     dashboard = load_dashboard()
     target = panels(dashboard)[1]["targets"][0]
-    target["expr"] = target["expr"].replace("hiera_requests_total", "hiera_request_total")
+    target["expr"] = target["expr"].replace("hiera_request_outcomes_total", "hiera_outcomes_total")
     gpu = next(p for p in panels(dashboard) if p["title"] == "GPU utilisation")["targets"][0]
     gpu["expr"] = gpu["expr"].replace("by (instance, gpu, device)", "by (instance, gpu_uuid)")
     scrape = parse_scrape(
-        "# TYPE hiera_requests counter\n"
-        'hiera_requests_total{endpoint="classify",status="200"} 1\n'
+        "# TYPE hiera_request_outcomes counter\n"
+        'hiera_request_outcomes_total{endpoint="classify",outcome="ok"} 1\n'
         "# TYPE hiera_gpu_utilization_ratio gauge\n"
         'hiera_gpu_utilization_ratio{gpu="GPU-1",device="cuda:0"} 0.5\n'
     )
     found = problems(dashboard, scrape)
-    assert any("hiera_request_total is not in /metrics" in p for p in found), found
+    assert any("hiera_outcomes_total is not in /metrics" in p for p in found), found
     assert any("label 'gpu_uuid'" in p for p in found), found
 
 
