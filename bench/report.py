@@ -133,7 +133,8 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (name, server), color in zip(report["servers"].items(), ("C0", "C1"), strict=False):
+    colors = [f"C{i}" for i in range(len(report["servers"]))]
+    for (name, server), color in zip(report["servers"].items(), colors, strict=True):
         runs = sorted(
             (r for r in server["runs"] if r["mode"] == "open"), key=lambda r: r["offered_per_s"]
         )
