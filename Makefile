@@ -94,8 +94,11 @@ export: $(STAMP)
 # Raw runtimes (fp32, int8, bf16), hiera-serve and a plain FastAPI app in one run; prints a
 # Markdown table and writes bench/results/*.json, *.md and *.png. Exports (again, with the
 # int8 artifact) when the repository has no onnx_int8 yet.
+# An existing export is reused only if it loads (checksums, format, sealed contract) and has int8.
 bench: $(STAMP)
-	grep -qs '"onnx_int8"' $(REPO)/$(VARIANT)/manifest.json || $(VENV)/bin/hiera-export \
+	$(PY) -c "import sys; from model.artifacts import ModelRepository as R; \
+		sys.exit('onnx_int8' not in R.load('$(REPO)/$(VARIANT)').manifest.artifacts)" \
+		2>/dev/null || $(VENV)/bin/hiera-export \
 		--variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) \
 		--formats onnx,torchscript,onnx_int8 --overwrite
 	$(VENV)/bin/hiera-bench --model-repository $(REPO)/$(VARIANT) $(ARGS)
