@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -99,25 +101,28 @@ def test_a_refused_upload_gets_its_whole_answer_over_a_real_socket(
     # Capacity 2 (queue 1 + one batch of 1); batches stall, so two requests fill it.
     args = ("--max-queue-size", "1", "--max-batch-size", "1", "--no-batch-cap-from-warmup")
     with commanded_server(micro_repository, tmp_path, *args) as server:
-        server.command(delay_s=3.0)
+        server.command(delay_s=30.0)  # far longer than the test: the service stays full
         parts = urlsplit(server.url)
         host, port = parts.hostname or "", parts.port or 0
-        holders = [
-            threading.Thread(target=_raw_post, args=(host, port, make_image(0))) for _ in range(2)
-        ]
-        for holder in holders:
-            holder.start()
+        for _ in range(2):  # left running; the server is killed at the end of the block
+            threading.Thread(target=_hold, args=(host, port), daemon=True).start()
         poll(lambda: value(scrape(server.url), "hiera_admitted_images") == 2, "full", server)
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
+        assert models["batching"]["capacity"] == 2
         # A large upload, refused before its body is parsed: the server must still read it
         # to its end before closing, or the client's socket gets RST and loses the 429.
         body = make_image(1, size=(1600, 1200)) * 8
         answers = [_raw_post(host, port, body) for _ in range(5)]
-        for holder in holders:
-            holder.join(20)
+        assert value(scrape(server.url), "hiera_admitted_images") == 2  # still the two holders
     assert [a[0] for a in answers] == [b"HTTP/1.1 429 Too Many Requests"] * 5
     for status_line, payload in answers:
         assert status_line.startswith(b"HTTP/1.1 429"), status_line
         assert json.loads(payload)["error"]["code"] == "queue_full"
+
+
+def _hold(host: str, port: int) -> None:
+    with contextlib.suppress(OSError):  # cut off when the server is killed
+        _raw_post(host, port, make_image(0))
 
 
 def _raw_post(host: str, port: int, body: bytes) -> tuple[bytes, bytes]:
