@@ -126,7 +126,7 @@ def _hold(host: str, port: int) -> None:
 
 
 def _raw_post(host: str, port: int, body: bytes) -> tuple[bytes, bytes]:
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with socket.create_connection((host, port), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/embed HTTP/1.1\r\nHost: hiera\r\nContent-Type: image/jpeg\r\n"
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
