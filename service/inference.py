@@ -151,7 +151,11 @@ class InferenceService:
                 collate=list,  # the pool's feeders assemble batches on their own devices
                 max_batch_size=self.batch_cap,
                 max_delay_ms=self.settings.max_delay_ms,
-                max_queue_size=self.settings.max_queue_size,
+                # Room for everything admission lets in (queue + one capped batch per instance):
+                # admission is the limit. A tighter bound here raced the batcher's own loop (an
+                # item not yet popped into its batch still counted as queued) and refused
+                # admitted requests after decoding them.
+                max_queue_size=self.settings.max_queue_size + self.pool.size * self.batch_cap,
                 concurrency=self.pool.size,
                 observer=_HealthObserver(BatcherMetrics(self.metrics), self.health),
                 on_error=self._runtime_broken,
