@@ -230,14 +230,20 @@ def _agreement(repository: Path, fp32: dict[str, Any], factory: Any) -> dict[str
 THROUGHPUT = "hiera-serve throughput layout"
 
 
-def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[str, Any]:
-    """Run hiera-serve, then the baseline app, each closed-loop then open-loop."""
-    serve = [
+def _serve_command(args: argparse.Namespace, *extra: str) -> list[str]:
+    """Return the hiera-serve command every mode starts: the bench's settings, then `extra`,
+    then --serve-args (last, so they win)."""
+    return [
         sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
         "--device", args.device, "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--request-timeout-s", str(args.deadline_s),
-        "--log-level", "warning", *shlex.split(args.serve_args),
+        "--log-level", "warning", *extra, *shlex.split(args.serve_args),
     ]  # fmt: skip
+
+
+def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[str, Any]:
+    """Run hiera-serve, then the baseline app, each closed-loop then open-loop."""
+    serve = _serve_command(args)
     baseline = [
         sys.executable, "-m", "bench.baseline_app", "--model-repository",
         str(args.model_repository),
@@ -389,13 +395,7 @@ def _overload(args: argparse.Namespace) -> int:
     from bench import overload
 
     image = resized_jpeg(500, 375, args.image)
-    serve = [
-        sys.executable, "-m", "service.cli", "--model-repository", str(args.model_repository),
-        "--device", args.device, "--max-batch-size", str(args.max_batch_size),
-        "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", str(args.queue_size),
-        "--request-timeout-s", str(args.deadline_s), "--log-level", "warning",
-        *shlex.split(args.serve_args),
-    ]  # fmt: skip
+    serve = _serve_command(args, "--max-queue-size", str(args.queue_size))
     with _server(serve) as url:
         host, port = url.removeprefix("http://").split(":")
         # No more clients than the capacity: clients refused at once would retry at once, and
