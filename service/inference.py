@@ -146,6 +146,9 @@ class InferenceService:
             self._device_decoder = await asyncio.to_thread(
                 self._start_device_decoder, pp, self.pool.instances[0].device
             )
+            # Everything admitted counts: images decoding, queued, and one capped batch per
+            # instance running, so decode work never piles up beyond what the queue holds.
+            capacity = self.settings.max_queue_size + self.pool.size * self.batch_cap
             self.batcher = DynamicBatcher(
                 self.pool.infer,
                 collate=list,  # the pool's feeders assemble batches on their own devices
@@ -155,17 +158,15 @@ class InferenceService:
                 # admission is the limit. A tighter bound here raced the batcher's own loop (an
                 # item not yet popped into its batch still counted as queued) and refused
                 # admitted requests after decoding them.
-                max_queue_size=self.settings.max_queue_size + self.pool.size * self.batch_cap,
+                max_queue_size=capacity,
                 concurrency=self.pool.size,
                 observer=_HealthObserver(BatcherMetrics(self.metrics), self.health),
                 on_error=self._runtime_broken,
                 on_batch_error=self._batch_failed,
                 wait_when_idle=self.settings.batch_wait_when_idle,
             )
-            # Everything admitted counts: images decoding, queued, and one batch per instance
-            # running, so decode work can never pile up beyond what the queue would hold.
             self.admission = Admission(
-                self.settings.max_queue_size + self.pool.size * self.batch_cap,
+                capacity,
                 on_change=self.metrics.admitted.set,
                 max_wait_s=self.settings.request_timeout_s,
                 backlog_seconds=self.batcher.backlog_seconds,
