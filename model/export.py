@@ -170,7 +170,13 @@ def export_repository(
             _require_parity(kind, parity)
             artifacts[kind] = artifacts[kind].model_copy(update={"parity": parity})
         step("checking bf16 autocast agreement with eager PyTorch fp32 on real photos")
-        autocast = _autocast_agreement(built, reference, folder, artifacts, calibration_dir)
+        traced = artifacts.get("torchscript")
+        autocast = autocast_agreement(
+            built,
+            reference,
+            torchscript=folder / traced.file if traced else None,
+            calibration_dir=calibration_dir,
+        )
         step("writing the manifest")
         manifest = skeleton.model_copy(update={"artifacts": artifacts, "autocast": autocast})
         for kind in artifacts:
@@ -239,22 +245,22 @@ def quantize_int8(source: Path, path: Path) -> dict[str, object]:
     }
 
 
-def _autocast_agreement(
+def autocast_agreement(
     built: BuiltModel,
     reference: Runner,
-    folder: Path,
-    artifacts: dict[ArtifactKind, Artifact],
-    calibration_dir: Path | None,
+    *,
+    torchscript: Path | None = None,
+    calibration_dir: Path | None = None,
 ) -> dict[str, AgreementFigures]:
-    """Measure `--precision bf16` (CPU autocast) per torch backend that can serve this export.
+    """Measure `--precision bf16` (CPU autocast) for eager and, given its file, TorchScript.
 
     Eager and TorchScript autocast differently (the traced graph gets its own casts), so each
-    has its own figures. A mode under the bound is recorded, not fatal: fp32 still serves.
+    has its own figures, keyed "eager:bf16" and "torchscript:bf16". A mode under the bound is
+    recorded, not fatal: fp32 still serves.
     """
     runners = {"eager:bf16": eager_runner(built.module, autocast=torch.bfloat16)}
-    if "torchscript" in artifacts:
-        path = folder / artifacts["torchscript"].file
-        runners["torchscript:bf16"] = torchscript_runner(path, autocast=torch.bfloat16)
+    if torchscript is not None:
+        runners["torchscript:bf16"] = torchscript_runner(torchscript, autocast=torch.bfloat16)
     return {
         mode: on_photos(
             reference,

@@ -120,18 +120,11 @@ def _with_autocast(
             )
     else:
         assert built is not None
-        import torch
-
-        from model.agreement import on_photos
+        from model.export import autocast_agreement
         from model.parity import eager_runner
 
         log.info("measuring %s agreement with fp32 on the packaged photos", mode)
-        figures = on_photos(
-            eager_runner(built.module),
-            eager_runner(built.module, autocast=torch.bfloat16),
-            built.variant,
-            weights_random=built.weights.is_random,
-        )
+        figures = autocast_agreement(built, eager_runner(built.module))[mode]
     if not figures.passed:
         raise BackendError(
             f"{mode} embeddings agree with fp32 only down to cosine "
