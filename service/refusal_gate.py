@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -56,9 +55,13 @@ class RefusalGate:
         return None
 
     async def _refuse(
-        self, route: APIRoute, refused: BaseException, scope: Scope, receive: Receive, send: Send
+        self,
+        route: AccountedRoute,
+        refused: BaseException,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        assert isinstance(route, AccountedRoute)
         self.metrics.request_received(route.name)
         scope[RECEIVED_SCOPE_KEY] = True
         self.metrics.failures.labels(reason=to_api_error(refused).code).inc()
