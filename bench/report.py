@@ -157,12 +157,7 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_xlabel("offered load, requests/s (Poisson arrivals, one 500x375 JPEG each)")
     ax.set_ylabel("latency of answered requests, ms")
     ax.set_title("Latency vs offered load (open loop)")
-    ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    paths.append(out / f"{stem}-latency.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, caption, out / f"{stem}-latency.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, raw in report["raw"].items():
@@ -174,10 +169,17 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_ylabel("images/s")
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput vs batch size, per backend and precision")
+    paths.append(_finish(fig, ax, caption, out / f"{stem}-throughput.png"))
+    return paths
+
+
+def _finish(fig: Any, ax: Any, caption: str, path: Path) -> Path:
+    """Add the legend and the caption (machine, versions, settings), save as PNG, close."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     fig.text(0.01, 0.01, caption, fontsize=7, color="dimgrey")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    paths.append(out / f"{stem}-throughput.png")
-    fig.savefig(paths[-1], dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return paths
+    return path
