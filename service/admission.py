@@ -88,21 +88,19 @@ class Admission:
     def refusal(self, count: int = 1) -> QueueFull | None:
         """Return the error `admit(count)` would raise now, or None if it would admit."""
         if self.outstanding + count > self.capacity:
-            return QueueFull(
-                f"{self.outstanding} images already admitted (capacity {self.capacity}); "
-                f"retry in {self.retry_after_s()} s or add capacity",
-                retry_after_s=self.retry_after_s(),
-            )
-        if self.outstanding and self._max_wait_s and self._backlog_seconds is not None:
+            why = f"{self.outstanding} images already admitted (capacity {self.capacity})"
+        elif self.outstanding and self._max_wait_s and self._backlog_seconds is not None:
             backlog = self._backlog_seconds(self.outstanding + count)
-            if backlog is not None and backlog > self._max_wait_s:
-                return QueueFull(
-                    f"{self.outstanding} images already admitted need about {backlog:.1f} s "
-                    f"of model time, past the {self._max_wait_s:g} s request timeout; retry "
-                    f"in {self.retry_after_s()} s or add capacity",
-                    retry_after_s=self.retry_after_s(),
-                )
-        return None
+            if backlog is None or backlog <= self._max_wait_s:
+                return None
+            why = (
+                f"{self.outstanding} images already admitted need about {backlog:.1f} s of "
+                f"model time, past the {self._max_wait_s:g} s request timeout"
+            )
+        else:
+            return None
+        retry = self.retry_after_s()
+        return QueueFull(f"{why}; retry in {retry} s or add capacity", retry_after_s=retry)
 
     def retry_after_s(self) -> int:
         """Return whole seconds until the current backlog should have drained."""
