@@ -141,8 +141,12 @@ class InferenceService:
                 max_batch_size=self.settings.max_batch_size,
                 time_batches=self.settings.batch_cap_from_warmup,
                 niceness=self.settings.thread_niceness,
+                solo=load_plan.solo,
             )
             self.batch_cap = self.pool.batch_cap(self.settings.max_batch_size)
+            # Pillow imports its plugins on the first decode (40-80 ms holding the GIL and the
+            # import lock): here, rather than inside the first burst of requests.
+            await asyncio.get_running_loop().run_in_executor(self._decoder, imaging.register_codecs)
             self._device_decoder = await asyncio.to_thread(
                 self._start_device_decoder, pp, self.pool.instances[0].device
             )
@@ -171,16 +175,17 @@ class InferenceService:
                 max_wait_s=self.settings.request_timeout_s,
                 backlog_seconds=self.batcher.backlog_seconds,
             )
+            self.pool.waiting = lambda: self.batcher.queue_depth if self.batcher else 0
             await self.batcher.start()
-            self.health.watch(self.pool.instances)
+            self.health.watch(self.pool.all_instances)
         except Exception as exc:
             self.fail(exc)
             raise
         self.card = card
-        self.devices = [instance.device for instance in self.pool.instances]
+        self.devices = [instance.device for instance in self.pool.all_instances]
         self.providers = [
             getattr(instance.backend, "provider", instance.backend.name)
-            for instance in self.pool.instances
+            for instance in self.pool.all_instances
         ]
         gpus = await asyncio.to_thread(cuda_uuids, self.devices)
         if gpus and self.metrics.enable_gpu_metrics(gpus):

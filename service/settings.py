@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -66,6 +67,14 @@ class Settings(BaseSettings):
         "the cores are oversubscribed (more instances x threads than cores)",
     )
     instances_per_device: int = Field(1, ge=1, le=64, description="model instances per device")
+    adaptive_layout: bool = Field(
+        True,
+        description="on a CPU with the ONNX backend and the default layout (one instance, "
+        "runtime-default threads) on 2 or more cores: add one single-threaded instance per "
+        "core (at most 4, splitting the cores) for when requests queue, and keep the instance "
+        "that uses every core for a request that comes alone (never both at once); costs one "
+        "copy of the weights per instance; --no-adaptive-layout keeps the one instance",
+    )
     decode_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where JPEGs are decoded and cropped: auto = on the GPU (nvJPEG) when the "
@@ -106,7 +115,13 @@ class Settings(BaseSettings):
         description="wait up to --max-delay-ms for company even when no batch is running; by "
         "default a request that finds every instance idle is dispatched at once",
     )
-    decode_threads: int = Field(4, ge=1, le=256, description="threads decoding images")
+    decode_threads: int = Field(
+        default_factory=lambda: min(4, available_cores()),
+        ge=1,
+        le=256,
+        description="threads decoding images; default: the cores, at most 4 (more threads "
+        "than cores only take turns at the GIL, and the event loop waits in that queue too)",
+    )
     thread_niceness: int = Field(
         5,
         ge=0,
@@ -212,3 +227,10 @@ class Settings(BaseSettings):
                 "use --device cuda (or auto) or --decode-device cpu"
             )
         return self
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

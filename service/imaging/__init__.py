@@ -22,7 +22,7 @@ from service.imaging.errors import (
     TruncatedImage,
     UnsupportedFormat,
 )
-from service.imaging.headers import DEFAULT_FORMATS, Header, read_header
+from service.imaging.headers import DEFAULT_FORMATS, Header, read_header, register_codecs
 from service.imaging.preprocessing import (
     CROP_MODES,
     INTERPOLATIONS,
@@ -51,6 +51,7 @@ __all__ = [
     "draft_size",
     "preprocess",
     "read_header",
+    "register_codecs",
     "resize_size",
     "to_rgb",
 ]

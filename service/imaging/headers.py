@@ -67,6 +67,11 @@ def read_header(
     return header
 
 
+def register_codecs() -> None:
+    """Import Pillow's format plugins now: its first decode would, holding the GIL."""
+    Image.init()
+
+
 def normalize_formats(allowed_formats: frozenset[str]) -> frozenset[str]:
     """Upper-case the allowlist and reject names Pillow does not know."""
     allowed = frozenset(f.upper() for f in allowed_formats)

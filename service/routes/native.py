@@ -127,6 +127,10 @@ async def models(service: ServiceDep) -> JSONResponse:
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_size": settings.max_queue_size,
             "instances": len(service.devices),
+            # Batches that run at once; with the adaptive CPU layout, plus one instance on
+            # every core that runs a request arriving alone (never beside the others).
+            "concurrent_batches": service.pool.size if service.pool else None,
+            "solo_instance": bool(service.pool and service.pool.solo),
             # Images admitted at once (decoding, queued, running); past it: 429.
             "capacity": service.admission.capacity if service.admission else None,
             "request_timeout_s": settings.request_timeout_s,

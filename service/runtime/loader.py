@@ -22,7 +22,7 @@ from model.variants import Variant, custom_variant, get_variant
 from service.imaging import Preprocessing
 from service.runtime.base import Backend, BackendError
 from service.runtime.devices import resolve_devices, runtime_gpu_support
-from service.settings import Settings
+from service.settings import Settings, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,15 @@ class ModelCard:
 
 @dataclass
 class LoadPlan:
-    """The card plus (device, factory) for every instance the pool will start."""
+    """The card plus (device, factory) for every instance the pool will start.
+
+    `solo`, in the adaptive CPU layout, is the instance that uses every core and runs only
+    when a batch comes alone (service.runtime.pool); `instances` then split the cores.
+    """
 
     card: ModelCard
     instances: list[tuple[str, BackendFactory]]
+    solo: tuple[str, BackendFactory] | None = None
 
 
 def plan(settings: Settings) -> LoadPlan:
@@ -97,7 +102,35 @@ def plan(settings: Settings) -> LoadPlan:
         artifact=record.file,
         agreement=record.agreement.model_dump() if record.agreement else card.agreement,
     )
+    cores = adaptive_cores(settings, devices)
+    if cores:
+        # One core's worth of threads per side-by-side instance, and the solo one with the
+        # runtime's default (every core), exactly as the single instance would be without it.
+        narrow = min(cores, MAX_SIDE_BY_SIDE)
+        split = settings.model_copy(update={"intra_op_threads": cores // narrow})
+        side_by_side = _replicate(devices, narrow, _artifact_factory(artifact, split, card))
+        solo = _artifact_instances(artifact, settings, devices, card)[0]
+        log.info(
+            "adaptive CPU layout: %d instance(s) x %d thread(s) when requests queue, one "
+            "instance on all %d cores for a request that comes alone",
+            narrow, cores // narrow, cores,
+        )  # fmt: skip
+        return LoadPlan(card, side_by_side, solo)
     return LoadPlan(card, _artifact_instances(artifact, settings, devices, card))
+
+
+MAX_SIDE_BY_SIDE = 4  # each instance holds its own copy of the weights
+
+
+def adaptive_cores(settings: Settings, devices: list[str]) -> int:
+    """Return the cores the adaptive layout splits, or 0 where it does not apply."""
+    default_layout = settings.instances_per_device == 1 and settings.intra_op_threads == 0
+    if not (settings.adaptive_layout and default_layout and settings.backend == "onnx"):
+        return 0  # torch's intra-op threads are process-wide: one size for every instance
+    if devices != ["cpu"]:
+        return 0
+    cores = available_cores()
+    return cores if cores >= 2 else 0
 
 
 def _with_autocast(
@@ -187,6 +220,13 @@ def _artifact_kind(settings: Settings) -> ArtifactKind:
 def _artifact_instances(
     artifact: Path, settings: Settings, devices: list[str], card: ModelCard
 ) -> list[tuple[str, BackendFactory]]:
+    factory_for = _artifact_factory(artifact, settings, card)
+    return _replicate(devices, settings.instances_per_device, factory_for)
+
+
+def _artifact_factory(
+    artifact: Path, settings: Settings, card: ModelCard
+) -> Callable[[str], BackendFactory]:
     from service.runtime.providers import GpuOptions
 
     height, width = card.preprocessing.input_size
@@ -217,7 +257,7 @@ def _artifact_instances(
             gpu=gpu,
         )
 
-    return _replicate(devices, settings.instances_per_device, factory_for)
+    return factory_for
 
 
 def _eager_instances(

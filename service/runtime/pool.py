@@ -2,7 +2,13 @@
 
 The event loop never runs a model: `infer` takes the next free instance, hands the batch to
 that instance's single thread, and awaits the result. Several batches run at once, one per
-instance, and a free-instance queue decides who goes next.
+instance, and the free instances are taken in turn.
+
+A pool may also hold a *solo* instance, one that uses every core by itself (the adaptive CPU
+layout, see `service.runtime.loader`). It runs a batch only when nothing else runs and nothing
+waits behind it, i.e. when a request came alone: a split over every core answers it soonest.
+When requests queue, the side-by-side instances take them, one core each, which keeps more of
+the CPU busy. The two never run at once, so the cores are never oversubscribed.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -57,16 +64,24 @@ class RuntimePool:
     """Run batches on whichever instance is free; built and warmed by `start`."""
 
     def __init__(
-        self, instances: Sequence[Instance], per_image_seconds: dict[int, float] | None = None
+        self,
+        instances: Sequence[Instance],
+        per_image_seconds: dict[int, float] | None = None,
+        *,
+        solo: Instance | None = None,
     ) -> None:
         if not instances:
             raise ValueError("a runtime pool needs at least one instance")
-        self.instances = list(instances)
+        self.instances = list(instances)  # the ones that run side by side
+        self.solo = solo
         # Seconds per image at each timed batch size (first instance, best of two runs).
         self.per_image_seconds = per_image_seconds or {}
-        self._free: asyncio.Queue[Instance] = asyncio.Queue()
-        for instance in self.instances:
-            self._free.put_nowait(instance)
+        # Images waiting behind the batch being placed; the service points it at its batcher.
+        self.waiting: Callable[[], int] = lambda: 0
+        self._free = deque(self.instances)
+        self._running = 0
+        self._solo_running = False
+        self._waiters: list[asyncio.Future[None]] = []
 
     @classmethod
     async def start(
@@ -77,8 +92,9 @@ class RuntimePool:
         max_batch_size: int,
         time_batches: bool = False,
         niceness: int = 0,
+        solo: tuple[str, BackendFactory] | None = None,
     ) -> RuntimePool:
-        """Create every instance in its own thread and warm it at every batch size.
+        """Create every instance (`solo` last) in its own thread and warm it at every batch size.
 
         With `time_batches`, the first instance is then timed at batch sizes 1, 2, 4, ... up
         to `max_batch_size`, so the service can tell whether batching pays on this device.
@@ -86,7 +102,7 @@ class RuntimePool:
         instances = []
         per_image: dict[int, float] = {}
         try:
-            for index, (device, factory) in enumerate(factories):
+            for index, (device, factory) in enumerate([*factories, *([solo] if solo else [])]):
                 # The backend is built on its own thread, so threads it starts inherit the
                 # lower priority (service.runtime.threads).
                 thread = ThreadPoolExecutor(
@@ -127,6 +143,8 @@ class RuntimePool:
         except BaseException:
             _close_all(instances)
             raise
+        if solo is not None:
+            return cls(instances[:-1], per_image, solo=instances[-1])
         return cls(instances, per_image)
 
     def batch_cap(self, max_batch_size: int, tolerance: float = 0.05) -> int:
@@ -142,11 +160,17 @@ class RuntimePool:
 
     @property
     def size(self) -> int:
+        """Batches that can run at once (the solo instance never runs beside another)."""
         return len(self.instances)
+
+    @property
+    def all_instances(self) -> list[Instance]:
+        """Every instance, the solo one last."""
+        return [*self.instances, *([self.solo] if self.solo else [])]
 
     async def infer(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Run the queued images `items` as one batch on the next free instance's thread."""
-        instance = await self._free.get()
+        instance = await self._take()
         try:
             instance.busy_since = time.monotonic()
             future = instance.thread.submit(instance.run, items)
@@ -155,7 +179,38 @@ class RuntimePool:
             return result
         finally:
             instance.busy_since = None
-            self._free.put_nowait(instance)
+            self._give_back(instance)
+
+    def _pick(self) -> Instance | None:
+        if self.solo is not None and self._running == 0 and not self.waiting():
+            return self.solo
+        if self._free and not self._solo_running:
+            return self._free.popleft()
+        return None
+
+    async def _take(self) -> Instance:
+        while (instance := self._pick()) is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self._running += 1
+        self._solo_running = instance is self.solo
+        return instance
+
+    def _give_back(self, instance: Instance) -> None:
+        # Synchronous, so a cancelled caller still returns its instance.
+        self._running -= 1
+        if instance is self.solo:
+            self._solo_running = False
+        else:
+            self._free.append(instance)
+        for waiter in self._waiters:  # a handful at most: the batcher's concurrency
+            if not waiter.done():
+                waiter.set_result(None)
 
     # The timeout parameter is the documented API; asyncio.timeout() is used inside.
     async def close(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
@@ -169,7 +224,7 @@ class RuntimePool:
 
         def close_all() -> None:
             try:
-                _close_all(self.instances)
+                _close_all(self.all_instances)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop may be gone after a timeout
                     loop.call_soon_threadsafe(_resolve, closed)

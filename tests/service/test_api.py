@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -211,6 +212,32 @@ async def test_models_and_health(micro_repository: Path) -> None:
     assert models["input_size"] == [224, 224]
     assert models["devices"] == ["cpu", "cpu"]
     assert models["batching"]["max_batch_size"] == 4 and models["batching"]["instances"] == 2
+
+
+async def test_adaptive_layout_answers_a_lone_request_on_every_core(
+    micro_repository: Path, micro_model: BuiltModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    # The default layout (one instance, runtime-default threads) is what the adaptive one
+    # replaces; the test helper's intra_op_threads=1 would keep it off.
+    app = create_app(repository_settings(micro_repository, intra_op_threads=0))
+    data = make_image(3)
+    async with running(app) as client:
+        models = (await client.get("/v1/models")).json()["models"][0]
+        response = await client.post(
+            "/v1/embed", content=data, headers={"Content-Type": "image/jpeg"}
+        )
+        pool = app.state.service.pool
+        runs = [i.batches for i in pool.all_instances]
+    assert models["devices"] == ["cpu"] * 3
+    batching = models["batching"]
+    assert batching["instances"] == 3 and batching["concurrent_batches"] == 2
+    assert batching["solo_instance"] is True
+    # Admission counts the batches that run at once, not the solo instance beside them.
+    assert batching["capacity"] == batching["max_queue_size"] + 2 * batching["batch_cap"]
+    assert runs == [0, 0, 1]
+    _, embedding = reference(micro_model, data)
+    np.testing.assert_allclose(response.json()["embedding"], unit(embedding), atol=1e-5)
 
 
 async def test_metrics_move_by_the_right_amounts(micro_repository: Path) -> None:

@@ -165,3 +165,23 @@ async def test_drain_timeout_answers_a_hung_request_with_503_and_retry_after(
     assert answer.headers["retry-after"] == "5"
     assert sample(app, "hiera_request_outcomes_total", endpoint="embed", outcome="rejected") == 1
     assert sample(app, "hiera_requests_received_total", endpoint="embed") == 1
+
+
+async def test_loading_imports_the_image_codecs_before_the_first_request(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow imports its format plugins on its first decode, holding the GIL for tens of ms:
+    # the service does it while loading, on a decode thread, not inside a request.
+    import PIL.Image
+
+    threads: list[str] = []
+    real = PIL.Image.init
+
+    def init() -> bool:
+        threads.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(PIL.Image, "init", init)
+    app = create_app(repository_settings(micro_repository))
+    async with running(app):
+        assert threads and threads[0].startswith("hiera-decode")

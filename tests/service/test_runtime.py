@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -343,7 +344,10 @@ def test_plan_from_repository_describes_the_model_and_builds_working_instances(
 
 
 def test_plan_with_repository_root_resolves_the_single_model(micro_repository: Path) -> None:
-    load_plan = plan(Settings(model_repository=micro_repository.parent, device="cpu"))
+    settings = Settings(
+        model_repository=micro_repository.parent, device="cpu", adaptive_layout=False
+    )
+    load_plan = plan(settings)
 
     assert load_plan.card.repository == str(micro_repository)
     assert len(load_plan.instances) == 1
@@ -425,6 +429,64 @@ def test_plan_builds_one_instance_per_device_and_count(micro_repository: Path) -
     settings = Settings(model_repository=micro_repository, instances_per_device=3, device="cpu")
 
     assert [device for device, _ in plan(settings).instances] == ["cpu"] * 3
+
+
+def _threads(factory: Callable[[], Any]) -> int:
+    backend = factory()
+    try:
+        return int(backend._session.get_session_options().intra_op_num_threads)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(("cores", "side_by_side", "each"), [(2, 2, 1), (3, 3, 1), (10, 4, 2)])
+def test_plan_adaptive_layout_splits_the_cores_and_keeps_a_solo_instance_on_all(
+    micro_repository: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    side_by_side: int,
+    each: int,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+
+    load_plan = plan(Settings(model_repository=micro_repository, device="cpu"))
+
+    assert [device for device, _ in load_plan.instances] == ["cpu"] * side_by_side
+    assert {_threads(factory) for _, factory in load_plan.instances} == {each}
+    assert load_plan.solo is not None
+    assert load_plan.solo[0] == "cpu"
+    assert _threads(load_plan.solo[1]) == 0  # the runtime's default: every core
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"adaptive_layout": False},
+        {"instances_per_device": 2},  # an explicit layout is kept as given
+        {"intra_op_threads": 2},
+        {"backend": "torchscript"},  # torch's threads are process-wide
+    ],
+)
+def test_plan_adaptive_layout_only_replaces_the_default_onnx_cpu_layout(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch, change: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    settings = Settings(model_repository=micro_repository, device="cpu", **change)
+
+    load_plan = plan(settings)
+
+    assert load_plan.solo is None
+    assert len(load_plan.instances) == change.get("instances_per_device", 1)
+
+
+def test_plan_adaptive_layout_needs_two_cores(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+
+    load_plan = plan(Settings(model_repository=micro_repository, device="cpu"))
+
+    assert load_plan.solo is None and len(load_plan.instances) == 1
 
 
 def test_open_repository_on_the_model_folder(micro_repository: Path) -> None:
@@ -770,6 +832,95 @@ async def test_infer_returns_the_backends_result_for_that_batch() -> None:
     np.testing.assert_array_equal(logits, batch.reshape(2, -1)[:, :4])
     np.testing.assert_array_equal(embedding, batch.reshape(2, -1).sum(axis=1, keepdims=True))
     assert pool.instances[0].batches == 1
+
+
+async def test_solo_instance_takes_a_batch_that_comes_alone_and_never_runs_beside_another() -> None:
+    factories = Factories()
+    specs = [("cpu", factories.make("cpu")), ("cpu", factories.make("cpu"))]
+    pool = await RuntimePool.start(
+        specs, inputs=INPUTS, max_batch_size=1, solo=("cpu", factories.make("cpu"))
+    )
+    first, second, solo = factories.built
+    waiting = 0
+    pool.waiting = lambda: waiting
+
+    def runs(backend: FakeBackend) -> int:
+        return len(backend.calls) - 1  # minus the warm-up
+
+    try:
+        assert pool.size == 2 and pool.solo is not None and pool.solo.backend is solo
+        assert [i.backend for i in pool.all_instances] == [first, second, solo]
+        assert solo.calls[0][0].startswith("hiera-infer-2")  # warmed on a thread of its own
+        await pool.infer([SAMPLE])  # alone, nothing waiting: every core
+        assert (runs(first), runs(second), runs(solo)) == (0, 0, 1)
+        waiting = 3  # images queue behind it: side by side, though every instance is idle
+        await pool.infer([SAMPLE])
+        assert (runs(first), runs(second), runs(solo)) == (1, 0, 1)
+
+        # While one side-by-side batch runs, a batch that comes alone still runs beside it.
+        first.block = second.block = True
+        waiting = 1
+        held = asyncio.create_task(pool.infer([SAMPLE]))
+        await _until(lambda: first.entered.is_set() or second.entered.is_set())
+        waiting = 0
+        lone = asyncio.create_task(pool.infer([SAMPLE]))
+        await _until(lambda: first.entered.is_set() and second.entered.is_set())
+        assert runs(solo) == 1
+        first.release.set()
+        second.release.set()
+        await asyncio.wait_for(asyncio.gather(held, lone), WAIT)
+        assert (runs(first), runs(second), runs(solo)) == (2, 1, 1)
+
+        # While the solo instance runs, nothing runs beside it: the next batch waits for it.
+        solo.block = True
+        alone = asyncio.create_task(pool.infer([SAMPLE + 1]))
+        assert await asyncio.to_thread(solo.entered.wait, WAIT)
+        waiting = 1
+        behind = asyncio.create_task(pool.infer([SAMPLE + 2]))
+        await asyncio.sleep(0.1)
+        assert not behind.done() and (runs(first), runs(second)) == (2, 1)
+        solo.release.set()
+        logits, _ = await asyncio.wait_for(behind, WAIT)
+        assert float(logits[0, 0] - 2) in (0.0, 100.0)  # answered by a side-by-side instance
+        logits, _ = await asyncio.wait_for(alone, WAIT)
+        assert float(logits[0, 0] - 1) == 200.0  # the solo instance's tag
+    finally:
+        for backend in factories.built:
+            backend.release.set()
+        await pool.close()
+    assert all(backend.closed == 1 for backend in factories.built)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(WAIT / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_a_cancelled_wait_for_an_instance_gives_nothing_away() -> None:
+    factories = Factories()
+    pool = await RuntimePool.start(
+        [("cpu", factories.make("cpu"))], inputs=INPUTS, max_batch_size=1
+    )
+    (backend,) = factories.built
+    backend.block = True
+    try:
+        running = asyncio.create_task(pool.infer([SAMPLE]))
+        assert await asyncio.to_thread(backend.entered.wait, WAIT)
+        waiter = asyncio.create_task(pool.infer([SAMPLE]))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        backend.release.set()
+        await asyncio.wait_for(running, WAIT)
+        await asyncio.wait_for(pool.infer([SAMPLE]), WAIT)  # the instance came back
+    finally:
+        backend.release.set()
+        await pool.close()
+    assert len(backend.calls) == 1 + 2  # warm-up, then the two batches that were not cancelled
 
 
 async def test_two_concurrent_batches_run_on_two_instances_at_once() -> None:

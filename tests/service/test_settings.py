@@ -48,6 +48,16 @@ def test_defaults_when_only_weights_are_given() -> None:
     assert settings.export_dir == Path("model_repository")
 
 
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (16, 4)])
+def test_decode_threads_default_to_the_cores_at_most_four(
+    monkeypatch: pytest.MonkeyPatch, cores: int, threads: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+
+    assert Settings(weights="random").decode_threads == threads
+    assert Settings(weights="random", decode_threads=8).decode_threads == 8
+
+
 def test_env_vars_with_the_hiera_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIERA_WEIGHTS", "random")
     monkeypatch.setenv("HIERA_MAX_BATCH_SIZE", "16")
