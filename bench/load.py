@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,26 +22,48 @@ _HEADERS = {"Content-Type": "image/jpeg"}
 
 
 async def closed_loop(
-    url: str, image: bytes, *, concurrency: int, seconds: float
+    url: str,
+    image: bytes,
+    *,
+    concurrency: int,
+    seconds: float,
+    reference: Callable[[], object] | None = None,
+    slices: int = 4,
 ) -> dict[str, Any]:
-    """Run `concurrency` clients that each send the next request when the last one returns."""
+    """Run `concurrency` clients that each send the next request when the last one returns.
+
+    With `reference` (the raw runtime's call, in this process), the run is cut in `slices`,
+    and after each the server idles while `reference` is timed in a loop for as long: on a
+    shared host the speed moves from minute to minute, and only figures taken in the same
+    minutes compare (the result's `reference_ms`).
+    """
     latencies: list[float] = []
+    reference_s: list[float] = []
     statuses: dict[int, int] = {}
     limits = httpx.Limits(max_connections=concurrency)
+    parts = slices if reference is not None else 1
+    elapsed = 0.0
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         before = await scrape(client)
-        stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
+        async def worker(stop: float) -> None:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 response = await client.post("/v1/classify", content=image, headers=_HEADERS)
                 latencies.append(time.perf_counter() - t0)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        for _ in range(parts):
+            started = time.perf_counter()
+            stop = started + seconds / parts
+            await asyncio.gather(*(worker(stop) for _ in range(concurrency)))
+            elapsed += time.perf_counter() - started
+            if reference is not None:
+                stop = time.perf_counter() + seconds / parts
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    reference()
+                    reference_s.append(time.perf_counter() - t0)
         after = await scrape(client)
     return {
         "mode": "closed",
@@ -50,6 +73,7 @@ async def closed_loop(
         "statuses": statuses,
         "images_per_s": statuses.get(200, 0) / elapsed,
         "latency_ms": percentiles(latencies),
+        "reference_ms": percentiles(reference_s),
     } | _delta(before, after)
 
 

@@ -10,6 +10,8 @@ For the burst, all connections are opened first and then every request is writte
 from __future__ import annotations
 
 import asyncio
+import selectors
+import socket
 import time
 from typing import Any
 
@@ -91,22 +93,79 @@ async def open_loop(
     )
 
 
-async def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
-    """Open `count` connections, then write every request at once; time each from its write."""
+def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
+    """Open `count` connections, then write every request at once; time each from its write.
+
+    One thread with non-blocking sockets and a selector, not asyncio: an asyncio client spends
+    about 0.15 ms per connection on its own bookkeeping, and since it reads no answer until it
+    has written every request, a burst of 200 measured 25-35 ms of client time even against a
+    server that answers 429 without doing anything. Here an answer is timed when it arrives.
+    """
     payload = request_bytes(host, port, image)
-    connections = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(count)))
+    sockets = [socket.create_connection((host, port)) for _ in range(count)]
+    time.sleep(0.2)  # every handshake done and accepted: the burst times requests only
+    selector = selectors.DefaultSelector()
+    conns = [_Conn(s, payload) for s in sockets]
+    for conn in conns:  # write all first, as fast as the kernel takes them
+        conn.sock.setblocking(False)
+        conn.since = time.perf_counter()
+        conn.write()
+        selector.register(conn.sock, conn.events(), conn)
     tally = _Tally()
-
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        since = time.perf_counter()
-        writer.write(payload)
-        try:
-            await writer.drain()
-            status, retry_after = await _answer(reader)
-        except (OSError, asyncio.IncompleteReadError):
-            status, retry_after = 0, False
-        tally.add(status, time.perf_counter() - since, retry_after)
-        writer.close()
-
-    await asyncio.gather(*(one(r, w) for r, w in connections))
+    open_count = count
+    while open_count:
+        ready = selector.select(timeout=30)
+        if not ready:
+            raise TimeoutError(f"{open_count} of {count} burst requests got no answer in 30 s")
+        for key, mask in ready:
+            conn = key.data
+            if mask & selectors.EVENT_WRITE:
+                conn.write()
+            if mask & selectors.EVENT_READ and conn.read():
+                status, retry_after = conn.answer()
+                tally.add(status, time.perf_counter() - conn.since, retry_after)
+                selector.unregister(conn.sock)
+                conn.sock.close()
+                open_count -= 1
+                continue
+            selector.modify(conn.sock, conn.events(), conn)
+    selector.close()
     return {"mode": "burst", "requests": count} | tally.report()
+
+
+class _Conn:
+    """One burst connection: what is left to send, and what came back."""
+
+    def __init__(self, sock: socket.socket, payload: bytes) -> None:
+        self.sock = sock
+        self.unsent = memoryview(payload)
+        self.received = bytearray()
+        self.since = 0.0
+
+    def events(self) -> int:
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.unsent else 0)
+
+    def write(self) -> None:
+        try:
+            self.unsent = self.unsent[self.sock.send(self.unsent) :]
+        except BlockingIOError:
+            pass
+        except OSError:  # answered and closed before the whole body went: stop sending
+            self.unsent = memoryview(b"")
+
+    def read(self) -> bool:
+        """Take what arrived; True once the server has closed (Connection: close)."""
+        try:
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        self.received += chunk
+        return not chunk
+
+    def answer(self) -> tuple[int, bool]:
+        head = bytes(self.received).split(b"\r\n\r\n", 1)[0].lower()
+        parts = head.split(b" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        return status, b"\nretry-after:" in head
