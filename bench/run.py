@@ -152,30 +152,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+RAW_ROUNDS = 4  # alternating slices per raw measurement
+
+
 def _raw_all(args: argparse.Namespace, sizes: list[int]) -> dict[str, dict[str, Any]]:
-    """Time every backend:precision alone, and measure each one's agreement with its fp32."""
-    out: dict[str, dict[str, Any]] = {}
-    fp32: dict[str, Any] = {}
-    for spec in args.raw.split(","):
-        backend, precision = spec.split(":")
+    """Time every backend:precision at every batch size, and each one's agreement with fp32.
+
+    All of them are loaded first and timed in `RAW_ROUNDS` alternating slices, so a speed-up
+    over fp32 compares figures from the same minutes, not from two ends of a noisy run.
+    """
+    specs = [tuple(spec.split(":")) for spec in args.raw.split(",")]
+    factories = {}
+    for backend, precision in specs:
         load_plan = plan(_settings(args, backend, precision))
-        _, factory = load_plan.instances[0]
+        factories[backend, precision] = load_plan.instances[0][1]
         height, width = load_plan.card.preprocessing.input_size
-        print(f"raw {backend} {precision}: batch sizes {sizes}", flush=True)
-        runs = [_raw(factory, b, (3, height, width), args.seconds) for b in sizes]
+    print(f"raw {args.raw}: batch sizes {sizes}, {RAW_ROUNDS} alternating rounds", flush=True)
+    backends = {spec: factories[spec]() for spec in specs}
+    try:
+        timers = {
+            spec: [_RawTimer(backends[spec], b, (3, height, width)) for b in sizes]
+            for spec in specs
+        }
+        for _ in range(RAW_ROUNDS):
+            for timer in (t for spec in specs for t in timers[spec]):
+                timer.run(args.seconds / RAW_ROUNDS)
+    finally:
+        for backend in backends.values():
+            backend.close()
+    out: dict[str, dict[str, Any]] = {}
+    for backend, precision in specs:
+        runs = [timer.result() for timer in timers[backend, precision]]
         best = max(r["images_per_s"] for r in runs)
         entry: dict[str, Any] = {"runs": runs, "best_images_per_s": best}
-        if precision == "fp32":
-            fp32[backend] = entry
-        base = fp32.get(backend, entry)
+        base = out.get(f"{backend} fp32", entry)
         entry["speedup_vs_fp32"] = best / base["best_images_per_s"]
-        if precision != "fp32" and backend in fp32:
-            entry["agreement"] = _agreement(args.model_repository, fp32[backend], factory)
-        if precision == "fp32":
-            entry["factory"] = factory
+        if precision != "fp32" and (backend, "fp32") in factories:
+            entry["agreement"] = _agreement(
+                args.model_repository, factories[backend, "fp32"], factories[backend, precision]
+            )
         out[f"{backend} {precision}"] = entry
-    for entry in out.values():
-        entry.pop("factory", None)
     return out
 
 
@@ -192,7 +208,7 @@ def _draft(args: argparse.Namespace) -> list[dict[str, Any]]:
         backend.close()
 
 
-def _agreement(repository: Path, fp32: dict[str, Any], factory: Any) -> dict[str, Any]:
+def _agreement(repository: Path, fp32: Any, factory: Any) -> dict[str, Any]:
     """Compare a precision with fp32 of the same backend on the packaged real photos."""
     repo = ModelRepository.load(repository)
     m = repo.manifest
@@ -206,7 +222,7 @@ def _agreement(repository: Path, fp32: dict[str, Any], factory: Any) -> dict[str
         crop_pct=m.preprocessing.crop_pct,
     )
     batch = eval_batch(calibration_photos(), variant)
-    reference, candidate = fp32["factory"](), factory()
+    reference, candidate = fp32(), factory()
     try:
         figures = measure_agreement(
             reference.infer,
@@ -452,25 +468,34 @@ def _overload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raw(factory: Any, batch_size: int, shape: tuple[int, ...], seconds: float) -> dict[str, Any]:
-    """Time backend.infer alone, the ceiling the service is measured against."""
-    backend = factory()
-    batch = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
-    for _ in range(2):
-        backend.infer(batch)
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(latencies) < 3:
-        t0 = time.perf_counter()
-        backend.infer(batch)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - started
-    backend.close()
-    return {
-        "batch_size": batch_size,
-        "images_per_s": batch_size * len(latencies) / elapsed,
-        "batch_latency_ms": load.percentiles(latencies),
-    }
+class _RawTimer:
+    """`backend.infer` alone at one batch size, timed over several slices."""
+
+    def __init__(self, backend: Any, batch_size: int, shape: tuple[int, ...]) -> None:
+        self.backend = backend
+        self.batch_size = batch_size
+        self.batch = np.random.default_rng(0).standard_normal(
+            (batch_size, *shape), dtype=np.float32
+        )
+        for _ in range(2):
+            backend.infer(self.batch)
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+
+    def run(self, seconds: float) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or not self.latencies:
+            t0 = time.perf_counter()
+            self.backend.infer(self.batch)
+            self.latencies.append(time.perf_counter() - t0)
+        self.elapsed += time.perf_counter() - started
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "images_per_s": self.batch_size * len(self.latencies) / self.elapsed,
+            "batch_latency_ms": load.percentiles(self.latencies),
+        }
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
