@@ -158,8 +158,10 @@ RAW_ROUNDS = 4  # alternating slices per raw measurement
 def _raw_all(args: argparse.Namespace, sizes: list[int]) -> dict[str, dict[str, Any]]:
     """Time every backend:precision at every batch size, and each one's agreement with fp32.
 
-    All of them are loaded first and timed in `RAW_ROUNDS` alternating slices, so a speed-up
-    over fp32 compares figures from the same minutes, not from two ends of a noisy run.
+    The precisions of one backend are loaded together and timed in `RAW_ROUNDS` alternating
+    slices, so a speed-up over fp32 compares figures from the same minutes, not from two ends
+    of a noisy run. Backends are timed one after the other, so only one runtime's threads
+    exist at a time.
     """
     specs = [tuple(spec.split(":")) for spec in args.raw.split(",")]
     factories = {}
@@ -167,19 +169,21 @@ def _raw_all(args: argparse.Namespace, sizes: list[int]) -> dict[str, dict[str, 
         load_plan = plan(_settings(args, backend, precision))
         factories[backend, precision] = load_plan.instances[0][1]
         height, width = load_plan.card.preprocessing.input_size
-    print(f"raw {args.raw}: batch sizes {sizes}, {RAW_ROUNDS} alternating rounds", flush=True)
-    backends = {spec: factories[spec]() for spec in specs}
-    try:
-        timers = {
-            spec: [_RawTimer(backends[spec], b, (3, height, width)) for b in sizes]
-            for spec in specs
-        }
-        for _ in range(RAW_ROUNDS):
-            for timer in (t for spec in specs for t in timers[spec]):
-                timer.run(args.seconds / RAW_ROUNDS)
-    finally:
-        for backend in backends.values():
-            backend.close()
+    timers: dict[tuple[str, ...], list[_RawTimer]] = {}
+    for name in dict.fromkeys(backend for backend, _ in specs):  # in order, once each
+        group = [spec for spec in specs if spec[0] == name]
+        print(f"raw {name} {', '.join(p for _, p in group)}: batch sizes {sizes}, "
+              f"{RAW_ROUNDS} alternating rounds", flush=True)  # fmt: skip
+        backends = {spec: factories[spec]() for spec in group}
+        try:
+            for spec in group:
+                timers[spec] = [_RawTimer(backends[spec], b, (3, height, width)) for b in sizes]
+            for _ in range(RAW_ROUNDS):
+                for timer in (t for spec in group for t in timers[spec]):
+                    timer.run(args.seconds / RAW_ROUNDS)
+        finally:
+            for instance in backends.values():
+                instance.close()
     out: dict[str, dict[str, Any]] = {}
     for backend, precision in specs:
         runs = [timer.result() for timer in timers[backend, precision]]
