@@ -72,8 +72,9 @@ class Settings(BaseSettings):
         description="on a CPU with the ONNX backend and the default layout (one instance, "
         "runtime-default threads) on 2 or more cores: add one single-threaded instance per "
         "core (at most 4, splitting the cores) for when requests queue, and keep the instance "
-        "that uses every core for a request that comes alone (never both at once); costs one "
-        "copy of the weights per instance; --no-adaptive-layout keeps the one instance",
+        "that uses every core for a request that comes alone (never both at once); each is a "
+        "session of its own, so it stays off when they would take over half the free memory; "
+        "--no-adaptive-layout keeps the one instance",
     )
     decode_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import service.runtime.loader as loader
 import service.runtime.onnx as onnx_module
 from model.artifacts import ManifestMismatch, RepositoryError, VariantRecord
 from model.hiera import BuiltModel, build
@@ -477,6 +478,37 @@ def test_plan_adaptive_layout_only_replaces_the_default_onnx_cpu_layout(
 
     assert load_plan.solo is None
     assert len(load_plan.instances) == change.get("instances_per_device", 1)
+
+
+def test_plan_adaptive_layout_stays_off_when_the_copies_would_not_fit_in_memory(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    size = (micro_repository / "model.onnx").stat().st_size
+    settings = Settings(model_repository=micro_repository, device="cpu")
+    # Two more sessions need about 2 x 2.5 x the artifact; half the free memory must hold it.
+    monkeypatch.setattr(loader, "available_memory", lambda: int(2 * 5 * size) + 1024)
+    assert plan(settings).solo is not None
+    monkeypatch.setattr(loader, "available_memory", lambda: int(2 * 5 * size) - 1024)
+    with caplog.at_level("WARNING", logger="service.runtime.loader"):
+        load_plan = plan(settings)
+    assert load_plan.solo is None and len(load_plan.instances) == 1
+    assert "adaptive CPU layout off: 2 more sessions of model.onnx" in caplog.text
+    monkeypatch.setattr(loader, "available_memory", lambda: None)  # unknown: not a reason
+    assert plan(settings).solo is not None
+
+
+def test_available_memory_reads_the_cgroup_limit_and_the_host(tmp_path: Path) -> None:
+    cgroup, meminfo = tmp_path / "cgroup", tmp_path / "meminfo"
+    cgroup.mkdir()
+    meminfo.write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("1000\n")
+    assert loader.available_memory(cgroup, meminfo) == 20_000_000 * 1024  # no cgroup limit
+    (cgroup / "memory.max").write_text(f"{4 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    assert loader.available_memory(cgroup, meminfo) == 3 * 2**30  # the tighter of the two
+    assert loader.available_memory(tmp_path / "none", tmp_path / "none") is None
 
 
 def test_plan_adaptive_layout_needs_two_cores(
