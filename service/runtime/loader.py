@@ -102,6 +102,7 @@ def plan(settings: Settings) -> LoadPlan:
         artifact=record.file,
         agreement=record.agreement.model_dump() if record.agreement else card.agreement,
     )
+    factory_for = _artifact_factory(artifact, settings, card)
     cores = adaptive_cores(settings, devices)
     narrow = min(cores, MAX_SIDE_BY_SIDE)
     if cores and _sessions_fit(artifact, narrow):
@@ -109,14 +110,14 @@ def plan(settings: Settings) -> LoadPlan:
         # runtime's default (every core), exactly as the single instance would be without it.
         split = settings.model_copy(update={"intra_op_threads": cores // narrow})
         side_by_side = _replicate(devices, narrow, _artifact_factory(artifact, split, card))
-        solo = _artifact_instances(artifact, settings, devices, card)[0]
         log.info(
             "adaptive CPU layout: %d instance(s) x %d thread(s) when requests queue, one "
             "instance on all %d cores for a request that comes alone",
             narrow, cores // narrow, cores,
         )  # fmt: skip
-        return LoadPlan(card, side_by_side, solo)
-    return LoadPlan(card, _artifact_instances(artifact, settings, devices, card))
+        (device,) = devices
+        return LoadPlan(card, side_by_side, (device, factory_for(device)))
+    return LoadPlan(card, _replicate(devices, settings.instances_per_device, factory_for))
 
 
 MAX_SIDE_BY_SIDE = 4  # each instance holds its own copy of the weights
@@ -255,16 +256,10 @@ def _artifact_kind(settings: Settings) -> ArtifactKind:
     return "onnx_int8" if settings.precision == "int8" else "onnx"
 
 
-def _artifact_instances(
-    artifact: Path, settings: Settings, devices: list[str], card: ModelCard
-) -> list[tuple[str, BackendFactory]]:
-    factory_for = _artifact_factory(artifact, settings, card)
-    return _replicate(devices, settings.instances_per_device, factory_for)
-
-
 def _artifact_factory(
     artifact: Path, settings: Settings, card: ModelCard
 ) -> Callable[[str], BackendFactory]:
+    """Return `device -> factory` for instances of `artifact` built as `settings` say."""
     from service.runtime.providers import GpuOptions
 
     height, width = card.preprocessing.input_size
