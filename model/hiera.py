@@ -12,6 +12,7 @@ import torch
 from timm.models.hiera import Hiera
 from torch import nn
 
+from model.attention import fold_mask_units
 from model.checkpoints import load_into
 from model.variants import Variant, get_variant
 
@@ -120,6 +121,7 @@ def build(
             file_sha256=loaded.sha256,
             checkpoint_format=loaded.format,
         )
+    fold_mask_units(backbone)  # same weights and outputs; fused attention kernels on a GPU
     module = ServingHiera(backbone).eval().requires_grad_(False)  # inference only
     return BuiltModel(module, spec, info)
 
