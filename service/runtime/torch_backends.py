@@ -57,7 +57,11 @@ def load_torchscript(path: Path, *, device: str, precision: str) -> TorchBackend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "jit is deprecated"; still the format
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            # Load on the CPU, then move: map_location would also move the trace's constants
+            # (0-d tensors in its shape arithmetic) to the GPU, where mixing them with the
+            # CPU sizes fails ("Expected all tensors to be on the same device", seen on an
+            # H200); .to() below moves only parameters and buffers.
+            module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise BackendError(f"cannot load TorchScript file {path}: {exc}") from exc
     return TorchBackend(module, name="torchscript", device=device, precision=precision)
