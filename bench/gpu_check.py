@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import percentiles
+from bench.load import percentiles, scrape, stage_delta
 from bench.photos import jpeg_set, resized_jpeg
 from bench.run import _wait_ready
 from service.imaging import Preprocessing, cpu
@@ -68,6 +68,7 @@ GPU_PATHS = (
     GpuPath("eager-fp16", "eager", "fp16"),
     GpuPath("eager-bf16", "eager", "bf16"),
     GpuPath("device-decode+onnx-cuda-fp32", "onnx", "fp32", (CUDA,), device_decode=True),
+    GpuPath("device-decode+torchscript-fp16", "torchscript", "fp16", device_decode=True),
 )
 REFERENCE = GpuPath("onnx-cpu-fp32", "onnx", "fp32")
 
@@ -83,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="hiera-serve worker processes")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-agreement", action="store_true")
+    p.add_argument("--skip-model-only", action="store_true", help="and the attention A/B")
+    p.add_argument(
+        "--e2e-decode-devices", default="cuda", help="where JPEGs decode: cuda, cpu or cuda,cpu"
+    )
+    p.add_argument(
+        "--e2e-backends",
+        default="onnx",
+        help="runtimes of the end-to-end servers, comma-separated (onnx, torchscript, eager; "
+        "fp16 on the GPU), one run each",
+    )
     return p
 
 
@@ -102,29 +114,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "model_repository": str(repo),
     }
-    report["agreement"] = check_paths(repo, "cuda:0", GPU_PATHS, jpeg_set(), trt_cache)
-    _print_agreement(report["agreement"])
-    report["sdpa"] = sdpa_probe()
-    print(f"\nSDPA probe: {report['sdpa']}")
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    report["model_only"] = [
-        model_only(repo, path, sizes, args.seconds, trt_cache)
-        for path in (GPU_PATHS[3], GPU_PATHS[1], GPU_PATHS[5])  # TRT, CUDA, eager in fp16
-    ]
-    _print_model_only(report["model_only"])
+    report["agreement"] = []
+    if not args.skip_agreement:
+        report["agreement"] = check_paths(repo, "cuda:0", GPU_PATHS, jpeg_set(), trt_cache)
+        _print_agreement(report["agreement"])
+    if not args.skip_model_only:
+        model_figures(report, repo, args, trt_cache)
     if not args.skip_e2e:
-        report["end_to_end"] = end_to_end(repo, args, trt_cache)
-        print(f"\nend to end: {json.dumps(report['end_to_end'])}")
+        report["end_to_end"] = []
+        for backend in args.e2e_backends.split(","):
+            for decode in args.e2e_decode_devices.split(","):
+                try:
+                    run = end_to_end(repo, args, trt_cache, backend, decode)
+                except Exception as exc:  # report it: the other runs may still work
+                    run = {"backend": f"{backend} fp16", "decode": decode, "error": _error(exc)}
+                    run["metrics_count_ok"] = False
+                report["end_to_end"].append(run)
+                print(f"\nend to end: {json.dumps(run)}")
     path = args.out / f"gpu-check-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     failed = [r["path"] for r in report["agreement"] if not r["ok"]]
-    if "end_to_end" in report and not report["end_to_end"]["metrics_count_ok"]:
-        failed.append(f"metrics across {args.workers} workers")
+    failed += [
+        f"end to end ({run['backend']})"
+        for run in report.get("end_to_end", [])
+        if not run["metrics_count_ok"]
+    ]
     if failed:
         print(f"gpu-check FAILED: {', '.join(failed)}")
         return 1
     return 0
+
+
+def model_figures(
+    report: dict[str, Any], repo: Path, args: argparse.Namespace, trt_cache: Path
+) -> None:
+    """The SDPA probe, the folded-attention A/B and model-only img/s, into `report`."""
+    report["sdpa"] = sdpa_probe()
+    print(f"\nSDPA probe: {report['sdpa']}")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    report["folded_attention"] = folded_attention_ab(repo, sizes, args.seconds)
+    print(f"\nmask units folded (model.attention) vs timm's 5-D attention, eager fp16, img/s: "
+          f"{report['folded_attention']}")  # fmt: skip
+    report["model_only"] = [
+        model_only(repo, path, sizes, args.seconds, trt_cache)
+        # fp16: eager, TorchScript, ONNX Runtime CUDA, TensorRT (torch first: it needs no
+        # extra runtime, so a host without onnxruntime-gpu still gets figures)
+        for path in (GPU_PATHS[5], GPU_PATHS[4], GPU_PATHS[1], GPU_PATHS[3])
+    ]
+    _print_model_only(report["model_only"])
 
 
 def check_paths(
@@ -143,7 +181,7 @@ def check_paths(
         try:
             outputs, _ = _outputs(repo, path, device, photos, trt_cache, batch_size)
         except Exception as exc:  # report it and go on: the next path may still work
-            results.append({"path": path.name, "ok": False, "error": f"{exc!r}"[:800]})
+            results.append({"path": path.name, "ok": False, "error": _error(exc)})
             continue
         row = {"path": path.name, **agreement(reference, outputs, path.precision)}
         row["seconds"] = round(time.perf_counter() - started, 2)
@@ -225,19 +263,21 @@ def model_only(
             rows[f"batch_{size}_img_per_s"] = round(size * count / (time.perf_counter() - started))
             backend.close()
         except Exception as exc:
-            rows[f"batch_{size}_img_per_s"] = f"failed: {exc!r}"[:300]
+            rows[f"batch_{size}_img_per_s"] = f"failed: {_error(exc)}"
     return rows
 
 
-def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[str, Any]:
+def end_to_end(
+    repo: Path, args: argparse.Namespace, trt_cache: Path, backend: str, decode: str = "cuda"
+) -> dict[str, Any]:
     """A real hiera-serve on the GPU, driven by closed-loop clients in several processes."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
         sys.executable, "-m", "service.cli", "--model-repository", str(repo),
-        "--backend", "onnx", "--precision", "fp16", "--device", "cuda",
-        "--decode-device", "cuda", "--max-batch-size", "128", "--max-delay-ms", "2",
+        "--backend", backend, "--precision", "fp16", "--device", "cuda",
+        "--decode-device", decode, "--max-batch-size", "128", "--max-delay-ms", "2",
         "--max-queue-size", "8192", "--trt-cache-dir", str(trt_cache),
         "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
@@ -246,8 +286,11 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
     server = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     image = resized_jpeg(500, 375)
+    launched = time.perf_counter()
     try:
         _wait_ready(url, server)
+        ready_s = time.perf_counter() - launched
+        before = asyncio.run(_scrape(url))
         per_process = max(1, args.concurrency // args.client_processes)
         started = time.perf_counter()
         with ProcessPoolExecutor(args.client_processes) as pool:
@@ -262,6 +305,7 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
             )
         elapsed = time.perf_counter() - started
         counted = _classified(url)
+        stages = stage_delta(before, asyncio.run(_scrape(url)))
     finally:
         server.terminate()
         server.wait(120)
@@ -271,6 +315,9 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
         # One scrape of one worker must count every worker's answers (multiprocess metrics).
         "metrics_count_ok": counted == ok,
         "metrics_counted": counted,
+        "backend": f"{backend} fp16",
+        "decode": decode,
+        "ready_s": round(ready_s, 1),
         "image": "500x375 JPEG",
         "concurrency": per_process * args.client_processes,
         "workers": args.workers,
@@ -278,7 +325,15 @@ def end_to_end(repo: Path, args: argparse.Namespace, trt_cache: Path) -> dict[st
         "ok": ok,
         "images_per_s": round(ok / elapsed, 1),
         "latency_ms": percentiles(latencies),
+        **stages,  # the servers' own stage means: where the time went
     }
+
+
+async def _scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await scrape(client)
 
 
 def _classified(url: str) -> float:
@@ -394,6 +449,48 @@ def _export(variant: str, out: Path) -> Path:
     return export_repository(
         built, out, formats=("onnx", "onnx_fp16", "torchscript"), overwrite=True
     )
+
+
+def folded_attention_ab(repo: Path, batch_sizes: Sequence[int], seconds: float) -> dict[str, Any]:
+    """Eager fp16 img/s with the mask units folded (as served) and with timm's 5-D attention."""
+    import torch
+    from timm.models.hiera import MaskUnitAttention
+
+    from model.artifacts import ModelRepository
+    from model.attention import FoldedMaskUnitAttention
+    from model.hiera import build
+
+    variant = ModelRepository.load(repo, verify=False).manifest.variant.name
+    module = build(variant, "random").module.cuda()  # speed does not depend on the weights
+    folded: list[Any] = [m for m in module.modules() if isinstance(m, FoldedMaskUnitAttention)]
+    result: dict[str, Any] = {"layers": len(folded)}
+    kinds: tuple[tuple[str, type[MaskUnitAttention]], ...] = (
+        ("timm_5d", MaskUnitAttention),
+        ("folded", FoldedMaskUnitAttention),
+    )
+    for size in batch_sizes:
+        batch = torch.randn(size, 3, 224, 224, device="cuda")
+        for rnd in range(2):  # alternate, so both see the same clocks
+            for name, cls in kinds:
+                for layer in folded:
+                    layer.__class__ = cls
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                    module(batch)
+                    torch.cuda.synchronize()
+                    count, started = 0, time.perf_counter()
+                    while time.perf_counter() - started < seconds / 2:
+                        module(batch)
+                        count += 1
+                    torch.cuda.synchronize()
+                rate = round(size * count / (time.perf_counter() - started))
+                result[f"batch_{size}_{name}_{rnd}"] = rate
+    return result
+
+
+def _error(exc: BaseException) -> str:
+    """The exception's type and the end of its message, where TorchScript puts the cause."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text if len(text) <= 900 else '...' + text[-900:]}"
 
 
 def _top(logits: np.ndarray, k: int) -> np.ndarray:

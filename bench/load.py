@@ -74,7 +74,7 @@ async def closed_loop(
         "images_per_s": statuses.get(200, 0) / elapsed,
         "latency_ms": percentiles(latencies),
         "reference_ms": percentiles(reference_s),
-    } | _delta(before, after)
+    } | stage_delta(before, after)
 
 
 async def open_loop(
@@ -122,7 +122,7 @@ async def open_loop(
         "accepted_fraction": statuses.get(200, 0) / max(1, len(arrivals)),
         "latency_ms": percentiles(ok),
         "rejected_latency_ms": percentiles(rejected),
-    } | _delta(before, after)
+    } | stage_delta(before, after)
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
@@ -145,7 +145,7 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     return found
 
 
-def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def stage_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     if not after:
         return {"stages_ms": None, "mean_batch_size": None}
     diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}

@@ -50,3 +50,10 @@ def test_agreement_fails_outputs_that_belong_to_other_images() -> None:
 
     assert same["ok"] and same["cosine_min"] == pytest.approx(1.0) and same["top5_agreement"] == 1
     assert not shuffled["ok"] and shuffled["cosine_min"] < 0.9
+
+
+def test_errors_keep_the_end_of_long_messages_where_torchscript_puts_the_cause() -> None:
+    cause = "RuntimeError: Expected all tensors to be on the same device"
+    text = gpu_check._error(RuntimeError("Traceback of TorchScript ..." + "x" * 5000 + cause))
+    assert text.startswith("RuntimeError: ...") and text.endswith(cause) and len(text) < 1000
+    assert gpu_check._error(ValueError("short")) == "ValueError: short"
