@@ -26,6 +26,8 @@ class TorchBackend:
         self.precision = precision
         self._torch_device = torch.device(device)
         self._module = module.to(self._torch_device).eval()
+        if precision != "fp32":
+            precast(self._module, _DTYPES[precision])
         self.input_dtype = "float32"  # autocast casts inside the model
         self.provider = f"torch-{self._torch_device.type}"
         # One stream per instance, so instances on one GPU overlap instead of queueing on the
@@ -50,6 +52,27 @@ class TorchBackend:
         del self._module
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# Layers whose weights autocast casts to the reduced precision on every call.
+_AUTOCAST_WEIGHTS = ("Linear", "Conv2d")
+
+
+def precast(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the Linear and Conv2d weights to `dtype` once, in place; return how many layers.
+
+    Autocast rounds them to `dtype` anyway, on every call (its weight cache lives only inside
+    one `with` block), so outputs are bit-identical and each call skips reading the fp32 weights
+    and writing a copy: about 4 % of Hiera-T's bf16 forward on a 2-core CPU. LayerNorm and the
+    rest keep float32, as autocast runs them. Works on traced TorchScript modules too.
+    """
+    cast = 0
+    for layer in module.modules():
+        kind = getattr(layer, "original_name", type(layer).__name__)  # TorchScript keeps names
+        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d) or kind in _AUTOCAST_WEIGHTS:
+            layer.to(dtype)
+            cast += 1
+    return cast
 
 
 def load_torchscript(path: Path, *, device: str, precision: str) -> TorchBackend:
