@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import timm.data
@@ -70,6 +71,9 @@ def test_int8_export_records_agreement_measured_on_real_photos(
     assert figures.embedding_min_cosine == pytest.approx(cos.min(), abs=1e-6)
     assert figures.embedding_mean_cosine == pytest.approx(cos.mean(), abs=1e-6)
     assert 0.999 <= cos.min() < 1.0  # quantized: close, but not bit-identical
+    ops = {node.op_type for node in onnx.load(str(target / art.file)).graph.node}
+    assert "MatMulInteger" in ops and "ConvInteger" not in ops  # the patch embedding stays fp32
+    assert art.details["op_types"] == ["MatMul"]
 
 
 def test_int8_under_the_bound_refuses_to_export(
