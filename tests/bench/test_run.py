@@ -175,3 +175,13 @@ def test_overload_mode_times_refusals_in_the_open_loop_and_a_burst(
     rejected = burst["rejected_ms"]
     assert 0 < rejected["p50"] <= rejected["p99"] <= rejected["max"]
     assert "| burst, all at once | 40 |" in capsys.readouterr().out
+
+
+def test_a_burst_answer_counts_as_arrived_once_its_content_length_body_is_in() -> None:
+    from bench.overload import _complete
+
+    head = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 5\r\nretry-after: 1\r\n\r\n"
+    assert not _complete(head[:20])  # the head is not in yet
+    assert not _complete(head + b"abc")  # 3 of the 5 body bytes
+    assert _complete(head + b"abcde")
+    assert not _complete(b"HTTP/1.1 200 OK\r\n\r\nbody")  # no length: only the close ends it
