@@ -20,32 +20,46 @@ from torch import nn
 
 
 class FoldedMaskUnitAttention(MaskUnitAttention):
-    """`MaskUnitAttention` whose windowed path runs attention on [B, heads x units, T, D]."""
+    """`MaskUnitAttention` that runs attention on 4-D tensors, windowed or global.
+
+    Windowed layers fold the mask units into the heads: [B, heads x units, T, D]. The attention
+    itself is the fused SDPA kernel, except in eager mode on a CPU, where the explicit
+    softmax(q k^T) v is faster at Hiera's short sequences (49 tokens or fewer per mask unit):
+    1.6-1.7x in bf16 and 1.06x in fp32 at Hiera-T's first-stage shapes on a 2-core EPYC. Traced
+    and exported graphs keep SDPA, so an artifact does not depend on where it was traced.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_mask_unit_attn:
-            return super().forward(x)  # global attention: timm's path is already 4-D
         batch, tokens, _ = x.shape
+        if not self.use_mask_unit_attn:  # global attention: [B, heads, N, D], as timm runs it
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.q_stride > 1:
+                q = q.reshape(batch, self.heads, self.q_stride, -1, self.head_dim).amax(dim=2)
+            out = self._attend(q.contiguous(), k.contiguous(), v.contiguous())
+            return self.proj(out.transpose(1, 2).reshape(batch, -1, self.dim_out))
         units = tokens // (self.q_stride * self.window_size)
         qkv = self.qkv(x).reshape(batch, -1, units, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).unbind(0)  # each [B, heads, units, T, D]
         if self.q_stride > 1:  # max-pool q over the stride, as Unroll laid the tokens out
             q = q.reshape(batch, self.heads, units, self.q_stride, -1, self.head_dim).amax(dim=3)
         folded = batch, self.heads * units, -1, self.head_dim
-        q, k, v = q.reshape(folded), k.reshape(folded), v.reshape(folded)
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+        out = self._attend(q.reshape(folded), k.reshape(folded), v.reshape(folded))
         out = out.reshape(batch, self.heads, units, -1, self.head_dim)
         return self.proj(out.transpose(1, 3).reshape(batch, -1, self.dim_out))
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        tracing = torch.jit.is_tracing() or torch.jit.is_scripting()
+        if self.fused_attn and (tracing or q.device.type != "cpu"):
+            return F.scaled_dot_product_attention(q, k, v)
+        return ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+
 
 def fold_mask_units(module: nn.Module) -> int:
-    """Switch every windowed `MaskUnitAttention` in `module` to the folded one; return how many."""
+    """Switch every timm `MaskUnitAttention` in `module` to the folded one; return how many."""
     switched = 0
     for layer in module.modules():
-        if type(layer) is MaskUnitAttention and layer.use_mask_unit_attn:
+        if type(layer) is MaskUnitAttention:
             layer.__class__ = FoldedMaskUnitAttention
             switched += 1
     return switched
