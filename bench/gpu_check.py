@@ -184,6 +184,7 @@ def check_paths(
             results.append({"path": path.name, "ok": False, "error": _error(exc)})
             continue
         row = {"path": path.name, **agreement(reference, outputs, path.precision)}
+        row["worst_photos"] = worst_photos(reference, outputs, list(photos))
         row["seconds"] = round(time.perf_counter() - started, 2)
         results.append(row)
     return results
@@ -211,6 +212,18 @@ def agreement(
         "top1_agreement": round(top1, 4),
         "top5_agreement": round(top5, 4),
     }
+
+
+def worst_photos(
+    reference: tuple[np.ndarray, np.ndarray],
+    got: tuple[np.ndarray, np.ndarray],
+    names: Sequence[str],
+    count: int = 3,
+) -> dict[str, float]:
+    """The photos whose embeddings agree least, by name, with their cosine."""
+    ref, emb = reference[1], got[1]
+    cosine = (ref * emb).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1))
+    return {names[i]: round(float(cosine[i]), 6) for i in np.argsort(cosine)[:count]}
 
 
 def sdpa_probe(batch: int = 64) -> dict[str, Any]:

@@ -57,3 +57,13 @@ def test_errors_keep_the_end_of_long_messages_where_torchscript_puts_the_cause()
     text = gpu_check._error(RuntimeError("Traceback of TorchScript ..." + "x" * 5000 + cause))
     assert text.startswith("RuntimeError: ...") and text.endswith(cause) and len(text) < 1000
     assert gpu_check._error(ValueError("short")) == "ValueError: short"
+
+
+def test_worst_photos_names_the_least_agreeing_ones() -> None:
+    rng = np.random.default_rng(1)
+    logits, embedding = rng.standard_normal((4, 10)), rng.standard_normal((4, 6))
+    moved = embedding.copy()
+    moved[2] = -moved[2]  # photo "c" disagrees completely
+    worst = gpu_check.worst_photos((logits, embedding), (logits, moved), "abcd", count=2)
+    assert next(iter(worst)) == "c" and worst["c"] == pytest.approx(-1.0)
+    assert len(worst) == 2
