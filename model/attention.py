@@ -7,8 +7,9 @@ shapes (batch 64, 1 head, 64 mask units of 49 tokens, fp16) it took 0.65 ms agai
 the same attention with the mask units folded into the heads (`make gpu-check`'s SDPA probe on
 an H200). Folding is exact: every (head, mask unit) pair attends only within itself either way.
 
-`fold_mask_units` switches a built model's windowed attention layers to the folded forward. It
-changes no parameter, so checkpoints, state digests and exported weights stay the same.
+`fold_mask_units` switches a built model's attention layers (windowed and global) to this
+forward. It changes no parameter, so checkpoints, state digests and exported weights stay the
+same.
 """
 
 from __future__ import annotations
