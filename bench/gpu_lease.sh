@@ -12,6 +12,17 @@ mkdir -p "$OUT"
     nproc
     python3 -V
 } >"$OUT/env.txt" 2>&1
+# onnxruntime-gpu, carried in parts by earlier calls (bench/gpu_wheels.sh --with-ort)
+if [[ -f /tmp/ort/NAME && -f /tmp/ort/PARTS ]]; then
+    have=$(compgen -G "/tmp/ort/part-*" | wc -l)
+    if [[ $have -eq $(cat /tmp/ort/PARTS) ]]; then
+        wheel=/tmp/ort/$(cat /tmp/ort/NAME)
+        cat /tmp/ort/part-* >"$wheel"
+        (cd /tmp/ort && sha256sum -c SHA256SUMS) && mkdir -p .whl && cp "$wheel" .whl/
+    else
+        echo "onnxruntime-gpu: $have of $(cat /tmp/ort/PARTS) parts in /tmp/ort; not installed" >&2
+    fi
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
