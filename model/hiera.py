@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,8 +124,35 @@ def build(
             checkpoint_format=loaded.format,
         )
     fold_mask_units(backbone)  # same weights and outputs; fused attention kernels on a GPU
+    freeze_window_pos_embed(backbone)
     module = ServingHiera(backbone).eval().requires_grad_(False)  # inference only
     return BuiltModel(module, spec, info)
+
+
+def freeze_window_pos_embed(backbone: Hiera) -> bool:
+    """Compute an abs-win Hiera's position embedding once, for its one input size.
+
+    `hiera_*_abswin_*` resizes its position embedding with antialiased bicubic interpolation on
+    every forward. The result depends only on the weights and the fixed input size, and no ONNX
+    opset can export that resize (`aten::_upsample_bicubic2d_aa`), so the model's only
+    Apache-2.0 weights could not be served by ONNX Runtime. The embedding is computed here with
+    timm's own `_pos_embed` (on zeros, so bit-identical) and kept as a non-persistent buffer:
+    `state_dict`, checkpoints and the state digest are unchanged. Returns whether it applied.
+    """
+    if getattr(backbone, "pos_embed_win", None) is None or backbone.pos_embed is None:
+        return False
+    tokens = math.prod(backbone.tokens_spatial_shape)
+    with torch.no_grad():
+        zeros = torch.zeros(1, tokens, backbone.pos_embed.shape[1])
+        frozen = backbone._pos_embed(zeros)  # [1, tokens, C]: the embedding alone
+    backbone.register_buffer("serving_pos_embed", frozen, persistent=False)
+    backbone._pos_embed = types.MethodType(_add_frozen_pos_embed, backbone)  # type: ignore[method-assign]
+    return True
+
+
+def _add_frozen_pos_embed(self: Hiera, x: torch.Tensor) -> torch.Tensor:
+    frozen: torch.Tensor = self.serving_pos_embed  # type: ignore[assignment]
+    return x + frozen
 
 
 def _from_hub(spec: Variant, kwargs: dict[str, Any]) -> Hiera:

@@ -73,3 +73,32 @@ def test_pretrained_without_network_or_cache_explains_the_options(
     with pytest.raises(WeightsUnavailable, match="local checkpoint path") as info:
         build(micro_variant, "pretrained")
     assert "hiera_tiny_224.mae_in1k_ft_in1k" in str(info.value)
+
+
+def test_abswin_position_embedding_is_frozen_bit_identically_and_exports_to_onnx(
+    tmp_path: Path,
+) -> None:
+    import timm
+
+    from model.export import export_repository
+    from model.hiera import freeze_window_pos_embed
+    from model.variants import custom_variant
+
+    built = build(custom_variant("hiera_small_abswin_256", "micro_abswin", embed_dim=16,
+                                num_heads=1, stages=(1, 1, 1, 1)), "random", seed=4)  # fmt: skip
+    backbone = built.module.backbone
+    assert hasattr(backbone, "serving_pos_embed")
+    assert "serving_pos_embed" not in backbone.state_dict()  # checkpoints and digests unchanged
+    reference = timm.create_model(
+        "hiera_small_abswin_256", pretrained=False, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)
+    ).eval()
+    reference.load_state_dict(backbone.state_dict())
+    images = torch.randn(2, 3, 256, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            backbone.forward_features(images), reference.forward_features(images), rtol=0,
+            atol=2e-5,
+        )  # fmt: skip
+    assert not freeze_window_pos_embed(build("hiera_tiny_224", "random").module.backbone)
+    # The resize it replaces has no ONNX export at any opset; now the export and its parity pass.
+    export_repository(built, tmp_path, formats=("onnx",))

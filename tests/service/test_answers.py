@@ -77,18 +77,20 @@ def micro_256_model() -> BuiltModel:
 def micro_256_repository(
     tmp_path_factory: pytest.TempPathFactory, micro_256_model: BuiltModel
 ) -> Path:
-    # TorchScript only: this variant's bicubic position-embedding resize has no ONNX export.
+    # ONNX too: the antialiased bicubic resize of its position embedding, which no ONNX opset
+    # exports, is computed once at build (model.hiera.freeze_window_pos_embed).
     root = tmp_path_factory.mktemp("model_repository_256")
-    return export_repository(micro_256_model, root, formats=("torchscript",))
+    return export_repository(micro_256_model, root, formats=("onnx", "torchscript"))
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 async def test_a_second_preprocessing_config_is_served_as_timm_defines_it(
-    micro_256_repository: Path, micro_256_model: BuiltModel
+    micro_256_repository: Path, micro_256_model: BuiltModel, backend: str
 ) -> None:
     # Not 224 px nor crop_pct 0.9: a constant of the first config anywhere in the served
     # path fails here.
     uploads = {name: photos()[name] for name in ("jpeg-512x600", "png-500x375")}
-    settings = repository_settings(micro_256_repository, backend="torchscript")
+    settings = repository_settings(micro_256_repository, backend=backend)
     async with running(create_app(settings)) as client:
         answers = [
             await client.post(
