@@ -47,7 +47,9 @@ class Settings(BaseSettings):
 
     # How to run it.
     backend: BackendName = Field("onnx", description="runtime: onnx, torchscript or eager")
-    device: DeviceName = Field("auto", description="auto picks CUDA when present, else CPU")
+    device: DeviceName = Field(
+        "auto", description="auto uses every visible CUDA device when present, else the CPU"
+    )
     precision: Precision = Field(
         "fp32",
         description="fp32; fp16 (ONNX: the fp16 artifact; torch: autocast); bf16 (torch "
@@ -102,7 +104,7 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="wait at most this long after a batch's first request"
     )
-    max_queue_size: int = Field(256, ge=1, description="requests waiting beyond this get 429")
+    max_queue_size: int = Field(256, ge=1, description="images waiting beyond this get 429")
     request_timeout_s: float = Field(
         30.0, gt=0, description="per-request deadline; requests past it get 504"
     )
