@@ -207,9 +207,10 @@ class InferenceService:
                 "SERVING RANDOM WEIGHTS: %s was randomly initialised; predictions are noise",
                 card.name,
             )
+        solo = " side by side + 1 on every core (adaptive layout)" if self.pool.solo else ""
         log.info(
-            "ready: %s on %s x%d in %.1f s", card.name, self.backend_name, self.pool.size,
-            time.perf_counter() - started,
+            "ready: %s on %s x%d%s in %.1f s", card.name, self.backend_name, self.pool.size,
+            solo, time.perf_counter() - started,
         )  # fmt: skip
         if self.state == "loading":  # not if shutdown began while the model loaded
             self._set_state("ready", "ok")
