@@ -195,9 +195,7 @@ def agreement(
 ) -> dict[str, Any]:
     """Embedding cosine and top-k agreement of `got` against `reference`, with a verdict."""
     (ref_logits, ref_emb), (logits, emb) = reference, got
-    cosine = (ref_emb * emb).sum(1) / (
-        np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(emb, axis=1)
-    )
+    cosine = _cosines(ref_emb, emb)
     pairs = zip(_top(ref_logits, 5), _top(logits, 5), strict=True)
     top5 = float(np.mean([set(a) == set(b) for a, b in pairs]))
     top1 = float(np.mean(_top(ref_logits, 1)[:, 0] == _top(logits, 1)[:, 0]))
@@ -221,9 +219,15 @@ def worst_photos(
     count: int = 3,
 ) -> dict[str, float]:
     """The photos whose embeddings agree least, by name, with their cosine."""
-    ref, emb = reference[1], got[1]
-    cosine = (ref * emb).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1))
+    cosine = _cosines(reference[1], got[1])
     return {names[i]: round(float(cosine[i]), 6) for i in np.argsort(cosine)[:count]}
+
+
+def _cosines(reference: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [N, D] embedding arrays."""
+    return (reference * got).sum(1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1)
+    )
 
 
 def sdpa_probe(batch: int = 64) -> dict[str, Any]:
