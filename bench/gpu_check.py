@@ -477,8 +477,9 @@ def folded_attention_ab(repo: Path, batch_sizes: Sequence[int], seconds: float) 
     from model.attention import FoldedMaskUnitAttention
     from model.hiera import build
 
-    variant = ModelRepository.load(repo, verify=False).manifest.variant.name
-    module = build(variant, "random").module.cuda()  # speed does not depend on the weights
+    manifest = ModelRepository.load(repo, verify=False).manifest
+    module = build(manifest.variant.name, "random").module.cuda()  # speed ignores the weights
+    height, width = manifest.preprocessing.input_size
     folded: list[Any] = [m for m in module.modules() if isinstance(m, FoldedMaskUnitAttention)]
     result: dict[str, Any] = {"layers": len(folded)}
     kinds: tuple[tuple[str, type[MaskUnitAttention]], ...] = (
@@ -486,7 +487,7 @@ def folded_attention_ab(repo: Path, batch_sizes: Sequence[int], seconds: float) 
         ("folded", FoldedMaskUnitAttention),
     )
     for size in batch_sizes:
-        batch = torch.randn(size, 3, 224, 224, device="cuda")
+        batch = torch.randn(size, 3, height, width, device="cuda")
         for rnd in range(2):  # alternate, so both see the same clocks
             for name, cls in kinds:
                 for layer in folded:
