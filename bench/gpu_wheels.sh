@@ -18,9 +18,10 @@ platform=(--no-deps --only-binary=:all: --python-version "$PYVER" --implementati
 web=(fastapi starlette uvicorn httptools python-multipart orjson pydantic pydantic-core
     pydantic-settings python-dotenv annotated-types typing-inspection annotated-doc
     opentelemetry-api pillow timm)
+frozen=$($PIP freeze 2>/dev/null || true)  # read once: pip takes a second per call
 pinned() {  # name==version from the local venv, else the bare name (newest)
     local found
-    found=$($PIP freeze 2>/dev/null | grep -i -E "^${1//-/[-_]}==" | head -1 || true)
+    found=$(grep -i -E "^${1//-/[-_]}==" <<<"$frozen" | head -1 || true)
     echo "${found:-$1}"
 }
 mkdir -p .whl
