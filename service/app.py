@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +13,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import disable_created_metrics, start_http_server
+from starlette.types import ASGIApp
 
-from service.auth import ApiKeyMiddleware, load_keys
+from service.auth import ApiKeyMiddleware, KeyRing, load_keys
 from service.errors import install_handlers
 from service.inference import InferenceService
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import RequestContextMiddleware, RequestIds
 from service.refusal_gate import RefusalGate
 from service.responses import JSONResponse
 from service.routes import health, kserve_v2, native, openai
@@ -68,7 +70,7 @@ def create_app(
                     await loader
             await service.close()
 
-    app = FastAPI(
+    app = GatedFastAPI(
         title="hiera-serve",
         summary="Hiera image classification and embeddings over HTTP",
         version="0.1.0",
@@ -83,16 +85,13 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
-    # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
-    # a preflight and a 401 both carry CORS headers, and a 401 carries a request id), which
-    # wraps the refusal gate (only authenticated callers learn that the service is full).
-    inference_routes = [*native.router.routes, *kserve_v2.router.routes, *openai.router.routes]
-    app.add_middleware(
-        RefusalGate, routes=inference_routes, refusal=service.refusal, metrics=metrics
-    )
+    ids = RequestIds()
     keys = load_keys((k.get_secret_value() for k in settings.api_keys), settings.api_keys_file)
-    if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, metrics=metrics)
+    ring = KeyRing(keys) if keys else None
+    # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
+    # a preflight and a 401 both carry CORS headers, and a 401 carries a request id).
+    if ring is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=ring, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -102,7 +101,22 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        ids=ids,
+    )
+    # In front of all of it, the refusal gate (only authenticated callers learn that the
+    # service is full).
+    app.front = functools.partial(
+        RefusalGate,
+        routes=[*native.router.routes, *kserve_v2.router.routes, *openai.router.routes],
+        refusal=service.refusal,
+        metrics=metrics,
+        ids=ids,
+        max_body_bytes=settings.max_body_bytes,
+        keys=ring,
+        cors=bool(settings.cors_origins),
     )
     install_handlers(app)
     app.include_router(native.router)
@@ -112,6 +126,17 @@ def create_app(
     if settings.metrics_port is None:
         app.include_router(health.metrics_router)
     return app
+
+
+class GatedFastAPI(FastAPI):
+    """FastAPI with `front` wrapped around its whole middleware stack, error handling and
+    all: what answers there costs the event loop the least (service.refusal_gate)."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
 
 
 def _no_native_telemetry() -> dict[str, Any]:

@@ -26,14 +26,32 @@ def load_keys(keys: Iterable[str], keys_file: Path | None) -> list[bytes]:
     return [k.encode() for k in found]
 
 
+class KeyRing:
+    """The accepted keys, and the check of what a request presents against them."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ValueError("a key ring needs at least one key")
+        self.keys = list(keys)
+
+    def admits(self, scope: Scope) -> bool:
+        """Tell whether the request carries one of the keys; every key is compared in
+        constant time, whichever matches, so the time taken says nothing about which."""
+        presented = _presented(scope)
+        if presented is None:
+            return False
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(presented, key)
+        return matched
+
+
 class ApiKeyMiddleware:
     """Answer 401 unless the request carries one of the keys; compare in constant time."""
 
-    def __init__(self, app: ASGIApp, *, keys: Sequence[bytes], metrics: Metrics) -> None:
-        if not keys:
-            raise ValueError("ApiKeyMiddleware needs at least one key")
+    def __init__(self, app: ASGIApp, *, keys: KeyRing, metrics: Metrics) -> None:
         self.app = app
-        self.keys = list(keys)
+        self.keys = keys
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,10 +61,10 @@ class ApiKeyMiddleware:
         if scope["method"] == "OPTIONS":  # CORS preflight carries no credentials
             await self.app(scope, receive, send)
             return
-        if self._accepted(_presented(scope)):
+        if self.keys.admits(scope):
             await self.app(scope, receive, send)
             return
-        self.metrics.failures.labels(reason="unauthorized").inc()
+        self.metrics.failed("unauthorized")
         error = ApiError(
             401,
             "unauthorized",
@@ -54,15 +72,6 @@ class ApiKeyMiddleware:
             {"WWW-Authenticate": 'Bearer realm="hiera-serve"'},
         )
         await error_response(error)(scope, receive, send)
-
-    def _accepted(self, presented: bytes | None) -> bool:
-        if presented is None:
-            return False
-        # Every key is compared, whichever matches: the time taken says nothing about which.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched
 
 
 def _presented(scope: Scope) -> bytes | None:

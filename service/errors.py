@@ -102,14 +102,20 @@ ErrorBody = Callable[[ApiError], Any]
 def error_response(exc: BaseException, body: ErrorBody | None = None) -> JSONResponse:
     """Answer `exc` in the native error shape (or `body`'s), logging server failures in full."""
     error = to_api_error(exc)
+    log_answer(error, exc)
+    content = (body or error_body)(error)
+    return JSONResponse(content, status_code=error.status, headers=error.headers)
+
+
+def log_answer(error: ApiError, exc: BaseException) -> None:
+    """Log an error answer that an operator should see: server failures in full, with their
+    traceback; 503 and 504 in one line."""
     if error.status in (503, 504):
         # Expected under overload, at deadlines and while draining: one line, no traceback,
         # so a burst of them cannot drown the log.
         log.warning("request answered %d %s: %s", error.status, error.code, error.message)
     elif error.status >= 500 and not isinstance(exc, ApiError):
         log.error("request failed: %s", error.code, exc_info=exc)
-    content = (body or error_body)(error)
-    return JSONResponse(content, status_code=error.status, headers=error.headers)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -118,7 +124,7 @@ def install_handlers(app: FastAPI) -> None:
     def respond(request: Request, exc: BaseException) -> JSONResponse:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
-            metrics.failures.labels(reason=to_api_error(exc).code).inc()
+            metrics.failed(to_api_error(exc).code)
         return error_response(exc)
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:

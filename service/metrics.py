@@ -166,6 +166,7 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._received_children: dict[str, Counter] = {}
         self._outcome_children: dict[tuple[str, int], Counter] = {}
+        self._failure_children: dict[str, Counter] = {}
         # Every worker serves the same model, so the answering worker's own info is the
         # service's (an Info metric has no multiprocess form).
         self.model_info = Info("hiera_model", "The model being served.", registry=self.registry)
@@ -188,6 +189,13 @@ class Metrics:
         if child is None:
             child = self._stage_children[key] = self.stage_duration.labels(endpoint, stage)
         return child
+
+    def failed(self, reason: str) -> None:
+        """Count one request or image answered with the error code `reason`."""
+        child = self._failure_children.get(reason)
+        if child is None:
+            child = self._failure_children[reason] = self.failures.labels(reason)
+        child.inc()
 
     def request_received(self, endpoint: str) -> None:
         """Count one inference request received; `request_done(received=True)` ends it."""

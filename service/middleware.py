@@ -12,37 +12,55 @@ from service.errors import ApiError, error_response, to_api_error
 from service.logs import request_id_var
 from service.metrics import RECEIVED_SCOPE_KEY, Metrics
 
-_ID_HEADER = b"x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
+# When a request arrived, if something in front of this middleware read its body first.
+ARRIVED_SCOPE_KEY = "hiera.arrived"
+
+
+class RequestIds:
+    """A request's id: the client's `X-Request-ID` if it sent a sane one, else a new one.
+
+    New ids are a random prefix and a counter: unique across processes and restarts like a
+    uuid4, at a fraction of its cost (uuid4 reads the OS's random source on every call, which
+    showed in profiles of refusal bursts). The prefix is made at the first id, so in the
+    serving process, not in a parent that forks workers.
+    """
+
+    def __init__(self) -> None:
+        self._prefix: str | None = None
+        self._counter = itertools.count(1)
+
+    def of(self, incoming: bytes | None) -> str:
+        """Return the id for a request whose X-Request-ID header was `incoming`."""
+        if incoming:
+            text = incoming.decode("latin-1")[:128]
+            if text.isprintable():
+                return text
+        if self._prefix is None:
+            self._prefix = secrets.token_hex(8)
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class RequestContextMiddleware:
     """Tag every request with an id, refuse oversized bodies early, time it, and answer once."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, ids: RequestIds
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        # Generated ids: a random prefix per middleware (made when Starlette builds the stack
-        # at the first request, so in the serving process) and a counter. Unique across
-        # processes and restarts like a uuid4, at a fraction of its cost: uuid4 reads the OS's
-        # random source on every call, which showed in profiles of refusal bursts.
-        self._id_prefix = secrets.token_hex(8)
-        self._id_counter = itertools.count(1)
+        self.ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        incoming = headers.get(_ID_HEADER, b"").decode("latin-1")[:128]
-        request_id = (
-            incoming
-            if incoming.isprintable() and incoming
-            else f"{self._id_prefix}{next(self._id_counter):016x}"
-        )
+        request_id = self.ids.of(headers.get(REQUEST_ID_HEADER))
         token = request_id_var.set(request_id)
         status: int | None = None
-        started = time.perf_counter()
+        started = scope.get(ARRIVED_SCOPE_KEY) or time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -50,7 +68,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
-                    (_ID_HEADER, request_id.encode()),
+                    (REQUEST_ID_HEADER, request_id.encode()),
                 ]
             await send(message)
 
@@ -65,7 +83,7 @@ class RequestContextMiddleware:
             if status is not None:
                 raise
             await error_response(exc)(scope, receive, send_with_id)
-            self.metrics.failures.labels(reason=to_api_error(exc).code).inc()
+            self.metrics.failed(to_api_error(exc).code)
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started

@@ -231,7 +231,15 @@ async def _single(
 ) -> JSONResponse:
     deadline = _deadline(service)
     (data,) = await read_images(request, field=SINGLE_FIELD, max_images=1)
-    outcome = await until_disconnect(request, service.predict(data, endpoint, deadline))
+    # Admitted here, not in the task that runs predict: that task first runs a loop turn
+    # later, and in a burst other requests would pass the door's look in between.
+    ticket = service.admit(1)
+    try:
+        outcome = await until_disconnect(
+            request, service.predict(data, endpoint, deadline, ticket=ticket)
+        )
+    finally:
+        ticket.release_all()  # predict released it, unless cancelled before it began
     card = service.card
     assert card is not None
     return JSONResponse({"model": card.name, **_answer(service, endpoint, outcome, render)})
@@ -256,7 +264,7 @@ async def _batch(
             error = to_api_error(exc)
             if error.status >= 500 and not isinstance(exc, ApiError):
                 log.error("image %d of a batch request failed", index, exc_info=exc)
-            service.metrics.failures.labels(reason=error.code).inc()
+            service.metrics.failed(error.code)
             return {"index": index, **error_body(error)}
 
     try:

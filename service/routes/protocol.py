@@ -46,7 +46,7 @@ def protocol_route(body: ErrorBody) -> type[AccountedRoute]:
 
 
 def _respond(request: Request, exc: Exception, body: ErrorBody) -> Response:
-    request.app.state.metrics.failures.labels(reason=to_api_error(exc).code).inc()
+    request.app.state.metrics.failed(to_api_error(exc).code)
     return error_response(exc, body)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -12,8 +13,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from fastapi import FastAPI
+from starlette.types import Message, Scope
 
 from service.app import create_app
+from service.batching import QueueFull
+from service.metrics import Metrics
+from service.middleware import RequestIds
+from service.refusal_gate import RefusalGate
+from service.routes import native
 from tests.service.fault_server import commanded_server
 from tests.service.helpers import make_image, repository_settings, running, sample
 from tests.service.test_failures_e2e import poll, scrape, value
@@ -54,6 +61,98 @@ async def test_a_full_service_refuses_before_reading_the_request(micro_repositor
     assert after[0] - before[0] == after[1] - before[1] == 1  # received once, rejected once
     assert after[2] - before[2] == 2  # both refusals, under their error code
     assert models.status_code == 200 and served.status_code == 200
+
+
+async def test_the_door_looks_again_once_the_body_has_arrived() -> None:
+    # Room when the headers arrive, none once the body has (another request took the last
+    # place meanwhile): the door refuses; the app never sees the request.
+    full = False
+    routed: list[Scope] = []
+    sent: list[Message] = []
+
+    async def app(scope: Scope, receive: object, send: object) -> None:
+        routed.append(scope)
+
+    async def receive() -> Message:
+        nonlocal full
+        full = True
+        return {"type": "http.request", "body": b"jpeg", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    metrics = Metrics()
+    gate = RefusalGate(
+        app,
+        routes=native.router.routes,
+        refusal=lambda: QueueFull("full", retry_after_s=3) if full else None,
+        metrics=metrics,
+        ids=RequestIds(),
+        max_body_bytes=100,
+    )
+    headers = [(b"content-length", b"4"), (b"x-request-id", b"door-1")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/embed", "headers": headers}
+    await gate(scope, receive, send)
+    assert routed == []
+    assert sent[0]["status"] == 429
+    assert (b"retry-after", b"3") in sent[0]["headers"]
+    assert (b"x-request-id", b"door-1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["request_id"] == "door-1"
+    registry = metrics.registry
+    assert registry.get_sample_value("hiera_requests_received_total", {"endpoint": "embed"}) == 1
+    outcome = {"endpoint": "embed", "outcome": "rejected"}
+    assert registry.get_sample_value("hiera_request_outcomes_total", outcome) == 1
+
+
+async def test_a_burst_is_refused_at_the_door_not_in_the_routes(micro_repository: Path) -> None:
+    # Two places left and ten requests at once: two admitted, eight refused, and all eight by
+    # the door. A route admits in the same turn of the event loop as the door's last look, so
+    # none passes the look and then meets a full service in the route (the slow refusal).
+    app = create_app(repository_settings(micro_repository))
+    async with running(app) as client:
+        service = app.state.service
+        held = service.admit(service.admission.capacity - 2)
+        admit, in_route = service.admit, []
+
+        def counting_admit(count: int = 1) -> object:
+            try:
+                return admit(count)
+            except QueueFull:
+                in_route.append(count)
+                raise
+
+        service.admit = counting_admit
+        answers = await asyncio.gather(
+            *(client.post("/v1/classify", content=make_image(i), headers=JPEG) for i in range(10))
+        )
+        held.release_all()
+    assert sorted(a.status_code for a in answers) == [200] * 2 + [429] * 8
+    assert in_route == []
+
+
+async def test_what_the_door_cannot_answer_alone_goes_through_the_stack(
+    micro_repository: Path,
+) -> None:
+    settings = repository_settings(micro_repository, cors_origins="https://app.example.com")
+    app = create_app(settings)
+    async with running(app) as client:
+        service = app.state.service
+        ticket = service.admit(service.admission.capacity)
+        # A browser's request: the refusal must carry CORS headers, which the stack adds.
+        cors = await client.post(
+            "/v1/classify",
+            content=make_image(1),
+            headers=JPEG | {"Origin": "https://app.example.com"},
+        )
+        # A body over the limit is refused for its size, full or not.
+        limit = settings.max_body_bytes
+        big = await client.post("/v1/classify", content=b"x" * (limit + 1), headers=JPEG)
+        lost = await client.post("/v1/nowhere", content=b"x", headers=JPEG)
+        ticket.release_all()
+    assert cors.status_code == 429
+    assert cors.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert (big.status_code, big.json()["error"]["code"]) == (413, "body_too_large")
+    assert lost.status_code == 404
 
 
 async def test_protocol_routes_are_refused_in_their_own_shape(micro_repository: Path) -> None:
