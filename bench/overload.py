@@ -38,7 +38,9 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, b"\nretry-after:" in b"\n" + headers
 
 
-class _Tally:
+class Tally:
+    """Answers by status, with their latencies; rejections that lacked Retry-After."""
+
     def __init__(self) -> None:
         self.by_status: dict[int, list[float]] = {}
         self.rejections_without_retry_after = 0
@@ -61,7 +63,7 @@ class _Tally:
         }
 
 
-async def _one(host: str, port: int, payload: bytes, since: float, tally: _Tally) -> None:
+async def _one(host: str, port: int, payload: bytes, since: float, tally: Tally) -> None:
     try:
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(payload)
@@ -81,7 +83,7 @@ async def open_loop(
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2) + 1))
     arrivals = arrivals[arrivals < seconds]
-    tally = _Tally()
+    tally = Tally()
     started = time.perf_counter()
     tasks = []
     for at in arrivals:
@@ -93,7 +95,9 @@ async def open_loop(
     )
 
 
-def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
+def burst(
+    host: str, port: int, image: bytes, *, count: int, pooled: Tally | None = None
+) -> dict[str, Any]:
     """Open `count` connections, then write every request at once; time each from its write.
 
     One thread with non-blocking sockets and a selector, not asyncio: an asyncio client spends
@@ -101,7 +105,8 @@ def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
     has written every request, a burst of 200 measured 25-35 ms of client time even against a
     server that answers 429 without doing anything. Here an answer is timed when it has
     arrived whole (head and Content-Length body), as an HTTP client would hand it over: the
-    server's close comes 5-10 ms later in a burst, its connection teardown batched.
+    server's close comes 5-10 ms later in a burst, its connection teardown batched. Every
+    answer is also added to `pooled`, for figures over several bursts.
     """
     payload = request_bytes(host, port, image)
     sockets = [socket.create_connection((host, port)) for _ in range(count)]
@@ -113,7 +118,7 @@ def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
         conn.since = time.perf_counter()
         conn.write()
         selector.register(conn.sock, conn.events(), conn)
-    tally = _Tally()
+    tally = Tally()
     open_count = count
     while open_count:
         ready = selector.select(timeout=30)
@@ -125,7 +130,9 @@ def burst(host: str, port: int, image: bytes, *, count: int) -> dict[str, Any]:
                 conn.write()
             if mask & selectors.EVENT_READ and conn.read():
                 status, retry_after = conn.answer()
-                tally.add(status, (conn.answered or time.perf_counter()) - conn.since, retry_after)
+                seconds = (conn.answered or time.perf_counter()) - conn.since
+                for into in (tally, pooled) if pooled is not None else (tally,):
+                    into.add(status, seconds, retry_after)
                 selector.unregister(conn.sock)
                 conn.sock.close()
                 open_count -= 1

@@ -103,14 +103,21 @@ def overload_table(report: dict[str, Any]) -> str:
         "| rejections without Retry-After |",
         "|---|---|---|---|---|---|",
     ]
+    bursts = report.get("bursts", [report["burst"]])
     for name, run in (("open", report["open"]), ("burst", report["burst"])):
-        label = f"open loop {run['rate']:.1f}/s" if name == "open" else "burst, all at once"
+        label = (
+            f"open loop {run['rate']:.1f}/s"
+            if name == "open"
+            else f"{len(bursts)} bursts of {bursts[0]['requests']}, each written at once"
+        )
         rej, acc = run["rejected_ms"], run["accepted_ms"]
         lines.append(
             f"| {label} | {run['requests']} | {run['statuses']} | "
             f"{_ms(rej, 'p50')} / {_ms(rej, 'p99')} / {_ms(rej, 'max')} | "
             f"{_ms(acc, 'p50')} / {_ms(acc, 'p99')} | {run['rejections_without_retry_after']} |"
         )
+    each = ", ".join(_ms(b["rejected_ms"], "p99") for b in bursts)
+    lines += ["", f"Rejected p99 of each burst, ms: {each}."]
     return "\n".join(lines)
 
 

@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     over.add_argument("--queue-size", type=int, default=8, help="hiera-serve --max-queue-size")
     over.add_argument("--factor", type=float, default=3.0, help="offered load / sustained rate")
     over.add_argument("--burst", type=int, default=200, help="requests written at once")
+    over.add_argument("--bursts", type=int, default=5, help="bursts, each after the last drained")
     front = p.add_argument_group(
         "front-end mode", "--frontend: the model is a sleep; CPU ms per request by stage"
     )
@@ -452,9 +453,12 @@ def _overload(args: argparse.Namespace) -> int:
         opened = asyncio.run(
             overload.open_loop(host, int(port), image, rate=rate, seconds=args.seconds)
         )
-        time.sleep(args.deadline_s)  # let the accepted ones finish before the burst
-        print(f"burst of {args.burst}", flush=True)
-        burst = overload.burst(host, int(port), image, count=args.burst)
+        pooled = overload.Tally()
+        bursts = []
+        for n in range(args.bursts):
+            time.sleep(args.deadline_s)  # let the accepted ones finish before each burst
+            print(f"burst {n + 1} of {args.bursts}: {args.burst} requests", flush=True)
+            bursts.append(overload.burst(host, int(port), image, count=args.burst, pooled=pooled))
     report = {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(args.device),
@@ -462,7 +466,9 @@ def _overload(args: argparse.Namespace) -> int:
         "command": " ".join(serve[1:]),
         "sustained": {k: closed[k] for k in ("images_per_s", "statuses", "latency_ms")},
         "open": opened,
-        "burst": burst,
+        # Pooled over the bursts, then each burst's own figures.
+        "burst": {"mode": "burst", "requests": args.burst * args.bursts} | pooled.report(),
+        "bursts": bursts,
     }
     print("\n" + report_md.overload_table(report))
     args.out.mkdir(parents=True, exist_ok=True)

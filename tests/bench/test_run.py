@@ -160,7 +160,7 @@ def test_overload_mode_times_refusals_in_the_open_loop_and_a_burst(
     code = main([
         "--model-repository", str(micro_repository), "--overload", "--seconds", "1",
         "--concurrency", "4", "--max-batch-size", "1", "--queue-size", "1", "--burst", "40",
-        "--factor", "4", "--deadline-s", "2", "--out", str(tmp_path),
+        "--factor", "4", "--deadline-s", "2", "--bursts", "2", "--out", str(tmp_path),
     ])  # fmt: skip
     assert code == 0
     (result,) = tmp_path.glob("overload-*.json")
@@ -168,13 +168,21 @@ def test_overload_mode_times_refusals_in_the_open_loop_and_a_burst(
     assert "--max-queue-size 1" in report["command"]
     sustained = report["sustained"]["images_per_s"]
     assert report["open"]["rate"] == pytest.approx(4 * sustained)
-    burst = report["burst"]
-    assert burst["requests"] == 40 == sum(burst["statuses"].values())
+    burst, bursts = report["burst"], report["bursts"]
+    assert burst["requests"] == 80 == sum(burst["statuses"].values())  # pooled over two
+    assert [sum(b["statuses"].values()) for b in bursts] == [40, 40]
+    for one in bursts:
+        assert one["statuses"]["429"] + one["statuses"].get("200", 0) == 40
+    assert burst["statuses"]["429"] == sum(b["statuses"]["429"] for b in bursts)
     assert set(burst["statuses"]) <= {"200", "429"}  # every request answered, none failed
     assert burst["statuses"]["429"] > 0 and burst["rejections_without_retry_after"] == 0
     rejected = burst["rejected_ms"]
     assert 0 < rejected["p50"] <= rejected["p99"] <= rejected["max"]
-    assert "| burst, all at once | 40 |" in capsys.readouterr().out
+    assert rejected["max"] == max(b["rejected_ms"]["max"] for b in bursts)
+    out = capsys.readouterr().out
+    assert "| 2 bursts of 40, each written at once | 80 |" in out
+    each = ", ".join(f"{b['rejected_ms']['p99']:.0f}" for b in bursts)
+    assert f"Rejected p99 of each burst, ms: {each}." in out
 
 
 def test_a_burst_answer_counts_as_arrived_once_its_content_length_body_is_in() -> None:
