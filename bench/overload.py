@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import percentiles
+from bench.load import complete, percentiles
 
 
 def request_bytes(host: str, port: int, image: bytes) -> bytes:
@@ -172,7 +172,7 @@ class _Conn:
         except OSError:
             return True
         self.received += chunk
-        if self.answered is None and _complete(self.received):
+        if self.answered is None and complete(self.received):
             self.answered = time.perf_counter()
         return not chunk
 
@@ -181,15 +181,3 @@ class _Conn:
         parts = head.split(b" ", 2)
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
         return status, b"\nretry-after:" in head
-
-
-def _complete(received: bytes | bytearray) -> bool:
-    """True once `received` holds a response head and the whole body its Content-Length names."""
-    head, sep, body = bytes(received).partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.lower().split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name == b"content-length" and value.strip().isdigit():
-            return len(body) >= int(value)
-    return False

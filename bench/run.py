@@ -288,14 +288,12 @@ def _servers(args: argparse.Namespace, image: bytes, raw_best: float) -> dict[st
                 runs = [
                     asyncio.run(
                         load.closed_loop(
-                            url,
-                            image,
-                            concurrency=c,
-                            seconds=args.seconds,
-                            reference=(lambda: reference.infer(one)) if c == 1 else None,
+                            url, image, concurrency=args.concurrency, seconds=args.seconds
                         )
-                    )
-                    for c in (args.concurrency, 1)
+                    ),
+                    load.one_client(
+                        url, image, seconds=args.seconds, reference=lambda: reference.infer(one)
+                    ),
                 ]
                 if not rates:  # offered loads relative to what hiera-serve sustains
                     sustained = runs[0]["images_per_s"]

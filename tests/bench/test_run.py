@@ -65,6 +65,10 @@ def test_bench_measures_everything_in_one_run_and_writes_json_md_png(
     assert [r["offered_per_s"] for r in one["runs"][2:]] == rates  # same offered loads
     # The one-client runs were interleaved with the raw runtime at batch 1.
     assert hiera[1]["reference_ms"]["p50"] > 0 and hiera[0]["reference_ms"] is None
+    # ... from a raw keep-alive socket, every answer whole and 200, for both servers.
+    for single in (hiera[1], plain["runs"][1]):
+        assert single["client"] == "raw socket, keep-alive" and single["requests"] > 0
+        assert single["statuses"] == {"200": single["requests"]}
     assert {t["name"] for t in report["targets"]} >= {
         "hiera-serve: saturation >= 0.93x raw best batch",
         "hiera-serve one instance (--no-adaptive-layout): saturation >= 0.93x raw best batch",
@@ -186,10 +190,10 @@ def test_overload_mode_times_refusals_in_the_open_loop_and_a_burst(
 
 
 def test_a_burst_answer_counts_as_arrived_once_its_content_length_body_is_in() -> None:
-    from bench.overload import _complete
+    from bench.load import complete
 
     head = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 5\r\nretry-after: 1\r\n\r\n"
-    assert not _complete(head[:20])  # the head is not in yet
-    assert not _complete(head + b"abc")  # 3 of the 5 body bytes
-    assert _complete(head + b"abcde")
-    assert not _complete(b"HTTP/1.1 200 OK\r\n\r\nbody")  # no length: only the close ends it
+    assert not complete(head[:20])  # the head is not in yet
+    assert not complete(head + b"abc")  # 3 of the 5 body bytes
+    assert complete(head + b"abcde")
+    assert not complete(b"HTTP/1.1 200 OK\r\n\r\nbody")  # no length: only the close ends it
