@@ -93,7 +93,7 @@ def one_client(
     work (measured against a trivial route: 0.58-0.73 against 0.14-0.19 ms p50), and here
     that would count against the server. With `reference`, slices alternate with the raw
     runtime's timing as in `closed_loop` (more of them: the host's speed flips every few
-    seconds).
+    seconds), and `slices` pairs each slice's p50 with the raw p50 timed right after it.
     """
     host, _, port = url.removeprefix("http://").partition(":")
     request = (
@@ -102,6 +102,7 @@ def one_client(
     ).encode() + image
     latencies: list[float] = []
     reference_s: list[float] = []
+    paired: list[dict[str, float]] = []  # each slice's p50 and the raw p50 right after it
     statuses: dict[int, int] = {}
     parts = slices if reference is not None else 1
     elapsed = 0.0
@@ -112,6 +113,7 @@ def one_client(
             for _ in range(parts):
                 started = time.perf_counter()
                 stop = started + seconds / parts
+                first, first_reference = len(latencies), len(reference_s)
                 while time.perf_counter() < stop:
                     t0 = time.perf_counter()
                     sock.sendall(request)
@@ -125,6 +127,10 @@ def one_client(
                         t0 = time.perf_counter()
                         reference()
                         reference_s.append(time.perf_counter() - t0)
+                    paired.append({
+                        "p50_ms": 1e3 * statistics.median(latencies[first:]),
+                        "reference_p50_ms": 1e3 * statistics.median(reference_s[first_reference:]),
+                    })  # fmt: skip
         after = scrape_sync(scraper)
     return {
         "mode": "closed",
@@ -136,6 +142,7 @@ def one_client(
         "images_per_s": statuses.get(200, 0) / elapsed,
         "latency_ms": percentiles(latencies),
         "reference_ms": percentiles(reference_s),
+        "slices": paired,
     } | stage_delta(before, after)
 
 

@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -372,15 +373,26 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         or next(iter(report["raw"].values()))["runs"][0]["batch_latency_ms"]
     )
     stages = single["stages_ms"] or {}
-    bound = raw_b1["p50"] + stages.get("decode", 0) + stages.get("preprocess", 0) + 2.0
+    allowance = stages.get("decode", 0) + stages.get("preprocess", 0) + 2.0
+    bound = raw_b1["p50"] + allowance
     p50 = single["latency_ms"]["p50"]
-    add(
-        "1-client p50 <= raw b1 + decode + preprocess + 2 ms",
+    measured = (
         f"{p50:.1f} ms vs {bound:.1f} ms (raw b1 p50 {raw_b1['p50']:.1f}, "
         f"decode {stages.get('decode', 0):.1f}, preprocess {stages.get('preprocess', 0):.1f}, "
-        f"queue {stages.get('queue', 0):.2f})",
-        p50 <= bound,
+        f"queue {stages.get('queue', 0):.2f})"
     )
+    met = p50 <= bound
+    if single.get("slices"):
+        # The host's speed flips within seconds, so pooled p50s of two bimodal samples can
+        # land in different modes; each slice against the raw timing right after it cannot.
+        # Judged on the median over slices of that difference.
+        over = statistics.median(s["p50_ms"] - s["reference_p50_ms"] for s in single["slices"])
+        measured = (
+            f"slice by slice, median p50 - raw b1 p50 = {over:.1f} ms vs {allowance:.1f} ms "
+            f"allowed ({len(single['slices'])} slices); pooled: {measured}"
+        )
+        met = over <= allowance
+    add("1-client p50 <= raw b1 + decode + preprocess + 2 ms", measured, met)
     overload = max((r for r in hiera if r["mode"] == "open"), key=lambda r: r["offered_per_s"])
     deadline_ms = 1e3 * report["settings"]["deadline_s"]
     p99 = overload["latency_ms"]["p99"] if overload["latency_ms"] else float("nan")
