@@ -23,49 +23,39 @@ _HEADERS = {"Content-Type": "image/jpeg"}
 
 
 async def closed_loop(
-    url: str,
-    image: bytes,
-    *,
-    concurrency: int,
-    seconds: float,
-    reference: Callable[[], object] | None = None,
-    slices: int = 4,
+    url: str, image: bytes, *, concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    """Run `concurrency` clients that each send the next request when the last one returns.
-
-    With `reference` (the raw runtime's call, in this process), the run is cut in `slices`,
-    and after each the server idles while `reference` is timed in a loop for as long: on a
-    shared host the speed moves from minute to minute, and only figures taken in the same
-    minutes compare (the result's `reference_ms`).
-    """
+    """Run `concurrency` clients that each send the next request when the last one returns."""
     latencies: list[float] = []
-    reference_s: list[float] = []
     statuses: dict[int, int] = {}
     limits = httpx.Limits(max_connections=concurrency)
-    parts = slices if reference is not None else 1
-    elapsed = 0.0
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         before = await scrape(client)
+        stop = time.perf_counter() + seconds
 
-        async def worker(stop: float) -> None:
+        async def worker() -> None:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 response = await client.post("/v1/classify", content=image, headers=_HEADERS)
                 latencies.append(time.perf_counter() - t0)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
-        for _ in range(parts):
-            started = time.perf_counter()
-            stop = started + seconds / parts
-            await asyncio.gather(*(worker(stop) for _ in range(concurrency)))
-            elapsed += time.perf_counter() - started
-            if reference is not None:
-                stop = time.perf_counter() + seconds / parts
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    reference()
-                    reference_s.append(time.perf_counter() - t0)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
         after = await scrape(client)
+    return _closed(concurrency, elapsed, latencies, statuses, [], before, after)
+
+
+def _closed(
+    concurrency: int,
+    elapsed: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+    reference_s: list[float],
+    before: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, Any]:
     return {
         "mode": "closed",
         "concurrency": concurrency,
@@ -91,9 +81,10 @@ def one_client(
     This is the light-load latency, so the client is as lean as a load generator's (a raw
     socket, one prebuilt request): httpx spends about 0.4-0.6 ms more per request on its own
     work (measured against a trivial route: 0.58-0.73 against 0.14-0.19 ms p50), and here
-    that would count against the server. With `reference`, slices alternate with the raw
-    runtime's timing as in `closed_loop` (more of them: the host's speed flips every few
-    seconds), and `slices` pairs each slice's p50 with the raw p50 timed right after it.
+    that would count against the server. With `reference` (the raw runtime's call, in this
+    process), the run is cut in `slices`, each followed by `reference` timed in a loop for as
+    long: the host's speed flips within seconds, and only figures taken in the same seconds
+    compare. The result's `slices` pairs each slice's p50 with the raw p50 timed right after.
     """
     host, _, port = url.removeprefix("http://").partition(":")
     request = (
@@ -122,6 +113,7 @@ def one_client(
                     statuses[status] = statuses.get(status, 0) + 1
                 elapsed += time.perf_counter() - started
                 if reference is not None:
+                    # The server idles while the raw runtime is timed for as long.
                     stop = time.perf_counter() + seconds / parts
                     while time.perf_counter() < stop:
                         t0 = time.perf_counter()
@@ -132,18 +124,8 @@ def one_client(
                         "reference_p50_ms": 1e3 * statistics.median(reference_s[first_reference:]),
                     })  # fmt: skip
         after = scrape_sync(scraper)
-    return {
-        "mode": "closed",
-        "client": "raw socket, keep-alive",
-        "concurrency": 1,
-        "seconds": elapsed,
-        "requests": len(latencies),
-        "statuses": statuses,
-        "images_per_s": statuses.get(200, 0) / elapsed,
-        "latency_ms": percentiles(latencies),
-        "reference_ms": percentiles(reference_s),
-        "slices": paired,
-    } | stage_delta(before, after)
+    result = _closed(1, elapsed, latencies, statuses, reference_s, before, after)
+    return result | {"client": "raw socket, keep-alive", "slices": paired}
 
 
 def _read_response(sock: socket.socket) -> int:
