@@ -172,11 +172,18 @@ def test_every_request_received_has_exactly_one_outcome(
                 await asyncio.gather(first, *waiting_tasks)
                 # With room again (T's batch may still be in the model after its 504; while it
                 # is, the door refuses even a request whose client is hanging up): the same bad
-                # requests get their 4xx, and an upload is abandoned halfway (499).
+                # requests get their 4xx. Then, alone (the corrupt image holds a place while it
+                # is decoded, and with 1.5 s of model time per image against a 2 s deadline one
+                # admitted image is enough for the door to refuse), an upload abandoned
+                # halfway (499).
                 await asyncio.to_thread(
                     poll, lambda: at("hiera_admitted_images", 0), "room again", server
                 )
-                await asyncio.gather(*invalid(), clients.hang_up_mid_upload(url))
+                await asyncio.gather(*invalid())
+                await asyncio.to_thread(
+                    poll, lambda: at("hiera_admitted_images", 0), "room for the hang-up", server
+                )
+                await clients.hang_up_mid_upload(url)
                 # One batch that raises (failed), then every API served once more (ok); the
                 # batch request's corrupt image fails only its own entry.
                 server.command(fail=1)
