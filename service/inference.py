@@ -286,16 +286,13 @@ class InferenceService:
         return self.admission.refusal(1)
 
     async def predict(
-        self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket | None = None
+        self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket
     ) -> Outcome:
         """Decode, preprocess, batch and run one image; raises domain errors for bad input.
 
-        Without a `ticket` the image is admitted here; a batch request admits all its images
-        up front with `admit(n)` and passes the ticket to each call, which releases one image.
+        The caller admits the request's images before any is decoded (`admit(n)`, in the
+        request's own task) and passes the ticket to each call, which releases one image.
         """
-        own = ticket is None
-        if ticket is None:
-            ticket = self.admit(1)
         completed = False
         queued = [False]  # set once the image reaches the batcher
         try:
@@ -310,8 +307,6 @@ class InferenceService:
             raise
         finally:
             ticket.release(1, completed=completed)
-            if own:
-                ticket.release_all()
 
     async def _predict(
         self, data: bytes, endpoint: str, deadline: float, queued: list[bool]
