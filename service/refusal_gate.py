@@ -96,17 +96,18 @@ class RefusalGate:
         real. A client that hangs up mid-body is passed on, so that the app accounts for it as
         for any disconnect.
         """
+        # Every answer's duration counts from here, the body's arrival included.
+        arrived = scope[ARRIVED_SCOPE_KEY] = time.perf_counter()
         refused = self.refusal()
         if refused is not None:
             await _discard_body(receive)
-            await self._refuse(route, refused, request_id, send)
+            await self._refuse(route, refused, request_id, arrived, send)
             return
-        scope[ARRIVED_SCOPE_KEY] = time.perf_counter()  # the request's duration counts the body
         messages = await _read_body(receive)
         if messages[-1]["type"] == "http.request":  # the whole body, no disconnect
             refused = self.refusal()
             if refused is not None:
-                await self._refuse(route, refused, request_id, send)
+                await self._refuse(route, refused, request_id, arrived, send)
                 return
         await self.app(scope, _replay(messages, receive), send)
 
@@ -137,10 +138,14 @@ class RefusalGate:
         return refusable, request_id
 
     async def _refuse(
-        self, route: AccountedRoute, refused: BaseException, incoming_id: bytes | None, send: Send
+        self,
+        route: AccountedRoute,
+        refused: BaseException,
+        incoming_id: bytes | None,
+        arrived: float,
+        send: Send,
     ) -> None:
         """Answer `refused` in the route's error shape, counted as the stack would count it."""
-        started = time.perf_counter()
         metrics = self.metrics
         error = to_api_error(refused)
         request_id = self.ids.of(incoming_id)
@@ -161,7 +166,7 @@ class RefusalGate:
             await send({"type": "http.response.body", "body": body})
         finally:
             metrics.in_flight.dec()
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - arrived
             metrics.request_done(route.name, error.status, elapsed, received=True)
             request_id_var.reset(token)
 
