@@ -87,10 +87,7 @@ def one_client(
     compare. The result's `slices` pairs each slice's p50 with the raw p50 timed right after.
     """
     host, _, port = url.removeprefix("http://").partition(":")
-    request = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
-        f"Content-Length: {len(image)}\r\n\r\n"
-    ).encode() + image
+    request = request_bytes(host, int(port), image, close=False)
     latencies: list[float] = []
     reference_s: list[float] = []
     paired: list[dict[str, float]] = []  # each slice's p50 and the raw p50 right after it
@@ -126,6 +123,19 @@ def one_client(
         after = scrape_sync(scraper)
     result = _closed(1, elapsed, latencies, statuses, reference_s, before, after)
     return result | {"client": "raw socket, keep-alive", "slices": paired}
+
+
+def request_bytes(host: str, port: int, image: bytes, *, close: bool = True) -> bytes:
+    """Return one complete `POST /v1/classify` request for `image` (a JPEG), asking the server
+    to close the connection after answering unless `close` is False (keep-alive)."""
+    lines = [
+        "POST /v1/classify HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: image/jpeg",
+        f"Content-Length: {len(image)}",
+        *(["Connection: close"] if close else []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + image
 
 
 def _read_response(sock: socket.socket) -> int:

@@ -17,16 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import complete, percentiles
-
-
-def request_bytes(host: str, port: int, image: bytes) -> bytes:
-    """Return one complete `POST /v1/classify` request for `image` (a JPEG)."""
-    head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
-        f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + image
+from bench.load import complete, percentiles, request_bytes
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
@@ -119,6 +110,7 @@ def burst(
         conn.write()
         selector.register(conn.sock, conn.events(), conn)
     tally = Tally()
+    tallies = [tally] if pooled is None else [tally, pooled]
     open_count = count
     while open_count:
         ready = selector.select(timeout=30)
@@ -131,7 +123,7 @@ def burst(
             if mask & selectors.EVENT_READ and conn.read():
                 status, retry_after = conn.answer()
                 seconds = (conn.answered or time.perf_counter()) - conn.since
-                for into in (tally, pooled) if pooled is not None else (tally,):
+                for into in tallies:
                     into.add(status, seconds, retry_after)
                 selector.unregister(conn.sock)
                 conn.sock.close()
