@@ -1,19 +1,22 @@
 """Stop a request's work when its client hangs up (ASGI `http.disconnect`), for any route.
 
-Call `until_disconnect(request, work)` once the body has been read: the next ASGI message can
-then only be `http.disconnect`, so one task waits for it and cancels the work when it arrives.
-The work's `CancelledError` unwinds through the service and the batcher, which count the image
-as `hiera_dropped_total{reason="cancelled"}` and never send it to the model.
+Call `await until_disconnect(receive, work)` once the body has been read: the next ASGI message
+can then only be `http.disconnect`, so one watcher task waits for it and, when it arrives,
+cancels the task awaiting the work. The work's `CancelledError` unwinds through the service and
+the batcher, which count the image as `hiera_dropped_total{reason="cancelled"}` and never send
+it to the model, and the caller gets ClientDisconnected (499).
+
+The work runs in the caller's own task, not in one of its own: one task and one loop turn
+fewer per request than running it beside the watcher and waiting for the first of the two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
-from starlette.requests import Request
+from starlette.types import Receive
 
 from service.errors import ClientDisconnected
 
@@ -22,31 +25,31 @@ __all__ = ["ClientDisconnected", "until_disconnect"]
 T = TypeVar("T")
 
 
-async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`, cancelling it and raising ClientDisconnected if the client hangs up first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it and raising ClientDisconnected if the client hangs up first."""
+    task = asyncio.current_task()
+    assert task is not None, "until_disconnect runs inside a task"
+    hung_up = False
+
+    async def watch() -> None:
+        nonlocal hung_up
+        # Only reached after the body is read: any remaining message means the client left.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        hung_up = True
         task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        # Ours alone (no shutdown cancelled the request too): the client left.
+        if hung_up and task.uncancel() == 0:
+            raise ClientDisconnected() from None
         raise
     finally:
-        if not watcher.done():
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task  # let the service and batcher unwind and count the drop
-    raise ClientDisconnected()
-
-
-async def _disconnected(request: Request) -> None:
-    # Only reached after the body is read: any remaining message means the client left.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        # Synchronous: once the work is over the watcher must never cancel this task, and
+        # cancelling it here, before it next runs, guarantees that.
+        watcher.cancel()
+        if watcher.done() and not watcher.cancelled():
+            watcher.exception()  # a receive() that failed: retrieved, so asyncio stays quiet

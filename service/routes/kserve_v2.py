@@ -125,14 +125,14 @@ async def kserve_infer(
             for index, data in enumerate(parsed.images)
         ]
         try:
-            outcomes = await until_disconnect(request, all_or_nothing(work))
+            outcomes = await until_disconnect(request.receive, all_or_nothing(work))
         finally:
             ticket.release_all()
     else:
         assert parsed.pixels is not None
         _check_count(service, parsed.pixels.shape[0] if parsed.pixels.ndim else 0)
         outcomes = await until_disconnect(
-            request, service.predict_pixels(parsed.pixels, "kserve_infer", deadline)
+            request.receive, service.predict_pixels(parsed.pixels, "kserve_infer", deadline)
         )
     started = time.perf_counter()
     outputs = [_output(card, service, spec, outcomes) for spec in parsed.outputs]

@@ -131,7 +131,7 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
     ticket = service.admit(len(images))  # admitted or refused (429) whole, before any decode
     try:
         outcomes = await until_disconnect(
-            request,
+            request.receive,
             all_or_nothing(
                 [_predict(service, data, i, deadline, ticket) for i, data in enumerate(images)]
             ),
