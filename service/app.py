@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -17,12 +16,14 @@ from starlette.types import ASGIApp
 
 from service.auth import ApiKeyMiddleware, KeyRing, load_keys
 from service.errors import install_handlers
+from service.front import FrontPolicy
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, RequestIds
 from service.refusal_gate import RefusalGate
 from service.responses import JSONResponse
 from service.routes import health, kserve_v2, native, openai
+from service.routes.direct import DirectLane
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,21 @@ def create_app(
         ids=ids,
     )
     # In front of all of it, the refusal gate (only authenticated callers learn that the
-    # service is full).
-    app.front = functools.partial(
-        RefusalGate,
-        routes=[*native.router.routes, *kserve_v2.router.routes, *openai.router.routes],
-        refusal=service.refusal,
-        metrics=metrics,
-        ids=ids,
-        max_body_bytes=settings.max_body_bytes,
-        keys=ring,
-        cors=bool(settings.cors_origins),
-    )
+    # service is full), then the direct lane for plain single-image requests.
+    policy = FrontPolicy(settings.max_body_bytes, ring, cors=bool(settings.cors_origins))
+
+    def front(stack: ASGIApp) -> ASGIApp:
+        lane = DirectLane(stack, service=service, metrics=metrics, ids=ids, policy=policy)
+        return RefusalGate(
+            lane,
+            routes=[*native.router.routes, *kserve_v2.router.routes, *openai.router.routes],
+            refusal=service.refusal,
+            metrics=metrics,
+            ids=ids,
+            policy=policy,
+        )
+
+    app.front = front
     install_handlers(app)
     app.include_router(native.router)
     app.include_router(health.router)

@@ -21,19 +21,15 @@ The body is read and dropped before answering (see `_discard_body`), not parsed.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable, Iterable
 
-import orjson
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import KeyRing
-from service.errors import log_answer, to_api_error
-from service.logs import request_id_var
+from service.front import Answering, FrontPolicy, read_body, read_head, replay, whole
 from service.metrics import Metrics
-from service.middleware import ARRIVED_SCOPE_KEY, REQUEST_ID_HEADER, RequestIds
+from service.middleware import ARRIVED_SCOPE_KEY, RequestIds
 from service.routes.accounting import AccountedRoute, is_inference
 
 Refusal = Callable[[], BaseException | None]
@@ -50,17 +46,13 @@ class RefusalGate:
         refusal: Refusal,
         metrics: Metrics,
         ids: RequestIds,
-        max_body_bytes: int,
-        keys: KeyRing | None = None,
-        cors: bool = False,
+        policy: FrontPolicy,
     ) -> None:
         self.app = app
         self.refusal = refusal
         self.metrics = metrics
         self.ids = ids
-        self.max_body_bytes = max_body_bytes
-        self.keys = keys
-        self.cors = cors
+        self.policy = policy
         inference = [r for r in routes if isinstance(r, AccountedRoute) and is_inference(r)]
         # Most inference paths are fixed: one dict lookup. Templated ones (KServe's model
         # name) are matched by their pattern, as the router would.
@@ -71,9 +63,9 @@ class RefusalGate:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self._route(scope["path"])
             if route is not None:
-                ours, request_id = self._read_headers(scope)
-                if ours:
-                    await self._door(route, request_id, scope, receive, send)
+                head = read_head(scope)
+                if self.policy.ordinary(head, scope):
+                    await self._door(route, head.request_id, scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
@@ -103,39 +95,19 @@ class RefusalGate:
             await _discard_body(receive)
             await self._refuse(route, refused, request_id, arrived, send)
             return
-        messages = await _read_body(receive)
-        if messages[-1]["type"] == "http.request":  # the whole body, no disconnect
+        messages = await read_body(receive)
+        if whole(messages):  # no disconnect
             refused = self.refusal()
             if refused is not None:
                 await self._refuse(route, refused, request_id, arrived, send)
                 return
-        await self.app(scope, _replay(messages, receive), send)
+        await self.app(scope, replay(messages, receive), send)
 
     def _route(self, path: str) -> AccountedRoute | None:
         route = self.fixed.get(path)
         if route is None:
             route = next((r for r in self.templated if r.path_regex.match(path)), None)
         return route
-
-    def _read_headers(self, scope: Scope) -> tuple[bool, bytes | None]:
-        """Return whether the stack would refuse this request just as the gate does (see the
-        module's docstring; anything else is the stack's to answer), and its X-Request-ID."""
-        length = origin = request_id = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = value
-            elif name == b"origin":
-                origin = value
-            elif name == REQUEST_ID_HEADER:
-                request_id = value
-        refusable = (
-            length is not None
-            and length.isdigit()
-            and int(length) <= self.max_body_bytes
-            and not (origin is not None and self.cors)
-            and (self.keys is None or self.keys.admits(scope))
-        )
-        return refusable, request_id
 
     async def _refuse(
         self,
@@ -146,51 +118,8 @@ class RefusalGate:
         send: Send,
     ) -> None:
         """Answer `refused` in the route's error shape, counted as the stack would count it."""
-        metrics = self.metrics
-        error = to_api_error(refused)
-        request_id = self.ids.of(incoming_id)
-        token = request_id_var.set(request_id)  # for the error body and the log line
-        metrics.in_flight.inc()
-        metrics.request_received(route.name)
-        try:
-            metrics.failed(error.code)
-            log_answer(error, refused)
-            body = orjson.dumps(route.error_body(error))
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
-                (REQUEST_ID_HEADER, request_id.encode()),
-            ]
-            await send({"type": "http.response.start", "status": error.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        finally:
-            metrics.in_flight.dec()
-            elapsed = time.perf_counter() - arrived
-            metrics.request_done(route.name, error.status, elapsed, received=True)
-            request_id_var.reset(token)
-
-
-async def _read_body(receive: Receive) -> list[Message]:
-    """Receive the request body's messages, up to the last one or a disconnect."""
-    messages = [await receive()]
-    while messages[-1]["type"] == "http.request" and messages[-1].get("more_body", False):
-        messages.append(await receive())
-    return messages
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """Return a `receive` that gives the body read (in one message, if it came whole), then
-    listens on for the disconnect as `receive` does."""
-    if len(messages) > 1 and messages[-1]["type"] == "http.request":
-        body = b"".join(m.get("body", b"") for m in messages)
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-    pending = collections.deque(messages)
-
-    async def replayed() -> Message:
-        return pending.popleft() if pending else await receive()
-
-    return replayed
+        with Answering(self.metrics, route.name, self.ids.of(incoming_id), arrived) as answer:
+            await answer.error(send, refused, route.error_body)
 
 
 async def _discard_body(receive: Receive) -> None:

@@ -8,6 +8,11 @@ import orjson
 from starlette.responses import JSONResponse as _StarletteJSON
 
 
+def render_json(content: Any) -> bytes:
+    """Serialise `content` (numpy arrays included) as every JSON answer of the service is."""
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 class JSONResponse(_StarletteJSON):
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        return render_json(content)

@@ -13,12 +13,22 @@ SINGLE_FIELD = "image"
 BATCH_FIELD = "images"
 
 
+def media_type(content_type: str) -> str:
+    """Return a Content-Type header's media type, lower case, without parameters."""
+    return content_type.split(";")[0].strip().lower()
+
+
+def is_raw_image(media: str) -> bool:
+    """Tell whether a body of this media type is one image's bytes."""
+    return media.startswith("image/") or media == "application/octet-stream"
+
+
 async def read_images(request: Request, *, field: str, max_images: int) -> list[bytes]:
     """Return the uploaded images: one raw body, or every multipart file under `field`."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request.headers.get("content-type", ""))
     if content_type == "multipart/form-data":
         return await _multipart(request, field, max_images)
-    if content_type.startswith("image/") or content_type == "application/octet-stream":
+    if is_raw_image(content_type):
         if field == BATCH_FIELD:
             raise ApiError(
                 415, "unsupported_media_type",

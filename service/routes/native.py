@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.types import Receive
 
 from service.disconnect import until_disconnect
 from service.errors import ApiError, error_body, to_api_error
@@ -27,7 +28,6 @@ from service.uploads import BATCH_FIELD, SINGLE_FIELD, read_images
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"], route_class=AccountedRoute)
-T = TypeVar("T")
 
 
 async def get_service(request: Request) -> InferenceService:
@@ -47,6 +47,10 @@ Normalize = Annotated[bool, Query(description="scale the embedding to unit L2 no
 Encoding = Annotated[Literal["float", "base64"], Query(description="float list or base64 f32le")]
 
 Render = Callable[[Outcome], dict[str, Any]]
+# The query parameters' defaults (the direct lane reads them too: service.routes.direct).
+DEFAULT_TOP_K = 5
+DEFAULT_NORMALIZE = True
+DEFAULT_ENCODING: Literal["float", "base64"] = "float"
 
 
 @router.post(
@@ -57,10 +61,10 @@ Render = Callable[[Outcome], dict[str, Any]]
     summary="Top-k ImageNet classes for one image",
 )
 @inference
-async def classify(request: Request, top_k: TopK = 5) -> JSONResponse:
+async def classify(request: Request, top_k: TopK = DEFAULT_TOP_K) -> JSONResponse:
     service = _service(request)
-    k = _check_top_k(service, top_k)
-    render = _classification(service, k)
+    k = check_top_k(service, top_k)
+    render = classification(service, k)
     return await _single(request, service, "classify", render)
 
 
@@ -72,10 +76,10 @@ async def classify(request: Request, top_k: TopK = 5) -> JSONResponse:
     summary="Top-k classes for several images; each answered independently",
 )
 @inference
-async def classify_batch(request: Request, top_k: TopK = 5) -> JSONResponse:
+async def classify_batch(request: Request, top_k: TopK = DEFAULT_TOP_K) -> JSONResponse:
     service = _service(request)
-    k = _check_top_k(service, top_k)
-    return await _batch(request, service, "classify_batch", _classification(service, k))
+    k = check_top_k(service, top_k)
+    return await _batch(request, service, "classify_batch", classification(service, k))
 
 
 @router.post(
@@ -87,9 +91,11 @@ async def classify_batch(request: Request, top_k: TopK = 5) -> JSONResponse:
 )
 @inference
 async def embed(
-    request: Request, normalize: Normalize = True, encoding: Encoding = "float"
+    request: Request,
+    normalize: Normalize = DEFAULT_NORMALIZE,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> JSONResponse:
-    return await _single(request, _service(request), "embed", _embedding(normalize, encoding))
+    return await _single(request, _service(request), "embed", embedding(normalize, encoding))
 
 
 @router.post(
@@ -101,9 +107,11 @@ async def embed(
 )
 @inference
 async def embed_batch(
-    request: Request, normalize: Normalize = True, encoding: Encoding = "float"
+    request: Request,
+    normalize: Normalize = DEFAULT_NORMALIZE,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> JSONResponse:
-    return await _batch(request, _service(request), "embed_batch", _embedding(normalize, encoding))
+    return await _batch(request, _service(request), "embed_batch", embedding(normalize, encoding))
 
 
 @router.get("/models", summary="The served model, runtime and batching settings")
@@ -163,14 +171,14 @@ async def models(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"models": [entry]})
 
 
-def _check_top_k(service: InferenceService, k: int) -> int:
+def check_top_k(service: InferenceService, k: int) -> int:
     limit = service.settings.max_top_k
     if k > limit:
         raise ApiError(422, "invalid_request", f"top_k must be <= {limit}, got {k}")
     return k
 
 
-def _classification(service: InferenceService, k: int) -> Render:
+def classification(service: InferenceService, k: int) -> Render:
     def render(outcome: Outcome) -> dict[str, Any]:
         assert service.card is not None  # predict() only returns once the model is loaded
         result = outcome.result
@@ -184,7 +192,7 @@ def _classification(service: InferenceService, k: int) -> Render:
     return render
 
 
-def _embedding(unit: bool, encoding: str) -> Render:
+def embedding(unit: bool, encoding: str) -> Render:
     def render(outcome: Outcome) -> dict[str, Any]:
         result = outcome.result
         vector = result.embedding
@@ -222,33 +230,49 @@ def _answer(
     return fields
 
 
-def _deadline(service: InferenceService) -> float:
+def deadline_for(service: InferenceService) -> float:
     return time.monotonic() + service.settings.request_timeout_s
 
 
 async def _single(
     request: Request, service: InferenceService, endpoint: str, render: Render
 ) -> JSONResponse:
-    deadline = _deadline(service)
+    deadline = deadline_for(service)
     (data,) = await read_images(request, field=SINGLE_FIELD, max_images=1)
-    # Admitted here, not in the task that runs predict: that task first runs a loop turn
-    # later, and in a burst other requests would pass the door's look in between.
+    content = await answer_one(service, endpoint, data, render, request.receive, deadline)
+    return JSONResponse(content)
+
+
+async def answer_one(
+    service: InferenceService,
+    endpoint: str,
+    data: bytes,
+    render: Render,
+    receive: Receive,
+    deadline: float,
+) -> dict[str, Any]:
+    """Answer one uploaded image: admit, predict (until the client hangs up), render.
+
+    The single-image routes' work, shared with the direct lane (service.routes.direct).
+    """
+    # Admitted here, in the request's own task: a task that ran predict would first run a loop
+    # turn later, and in a burst other requests would pass the door's look in between.
     ticket = service.admit(1)
     try:
         outcome = await until_disconnect(
-            request, service.predict(data, endpoint, deadline, ticket=ticket)
+            receive, service.predict(data, endpoint, deadline, ticket=ticket)
         )
     finally:
         ticket.release_all()  # predict released it, unless cancelled before it began
     card = service.card
     assert card is not None
-    return JSONResponse({"model": card.name, **_answer(service, endpoint, outcome, render)})
+    return {"model": card.name, **_answer(service, endpoint, outcome, render)}
 
 
 async def _batch(
     request: Request, service: InferenceService, endpoint: str, render: Render
 ) -> JSONResponse:
-    deadline = _deadline(service)
+    deadline = deadline_for(service)
     images = await read_images(
         request, field=BATCH_FIELD, max_images=service.settings.max_images_per_request
     )
@@ -269,12 +293,8 @@ async def _batch(
 
     try:
         work = asyncio.gather(*(one(i, data) for i, data in enumerate(images)))
-        results = await until_disconnect(request, _awaited(work))
+        results = await until_disconnect(request.receive, work)
     finally:
         ticket.release_all()
     name = service.card.name if service.card else None
     return JSONResponse({"model": name, "results": results})
-
-
-async def _awaited(future: Awaitable[T]) -> T:
-    return await future

@@ -17,6 +17,7 @@ from starlette.types import Message, Scope
 
 from service.app import create_app
 from service.batching import QueueFull
+from service.front import FrontPolicy
 from service.metrics import Metrics
 from service.middleware import RequestIds
 from service.refusal_gate import RefusalGate
@@ -88,7 +89,7 @@ async def test_the_door_looks_again_once_the_body_has_arrived() -> None:
         refusal=lambda: QueueFull("full", retry_after_s=3) if full else None,
         metrics=metrics,
         ids=RequestIds(),
-        max_body_bytes=100,
+        policy=FrontPolicy(max_body_bytes=100),
     )
     headers = [(b"content-length", b"4"), (b"x-request-id", b"door-1")]
     scope = {"type": "http", "method": "POST", "path": "/v1/embed", "headers": headers}
