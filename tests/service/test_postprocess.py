@@ -10,6 +10,7 @@ import pytest
 from service.postprocess import (
     BatchOutputs,
     Prediction,
+    best_k,
     encode_base64,
     normalize,
     normalize_rows,
@@ -97,6 +98,19 @@ def test_top_k_matches_a_full_sort_on_random_logits() -> None:
     expected = np.argsort(-logits, kind="stable")[:10].tolist()
     assert [p.index for p in result] == expected
     assert result[0] == Prediction(expected[0], f"class_{expected[0]}", result[0].score)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_k_is_the_first_k_of_a_stable_full_sort(seed: int) -> None:
+    # Partition then sort only the contenders: the same indices in the same order as sorting
+    # everything stably, for every k, with ties inside the winners and at the k-th place.
+    rng = np.random.default_rng(seed)
+    classes = int(rng.integers(1, 60))
+    scores = rng.integers(0, 4 if seed % 2 else 1000, classes).astype(np.float64)
+    if seed % 3 == 0:
+        scores[rng.integers(0, classes, 3)] = np.nan  # NaN sorts last, as argsort puts it
+    for k in range(1, classes + 3):
+        assert best_k(scores, k) == np.argsort(-scores, kind="stable")[:k].tolist()
 
 
 def test_top_k_breaks_ties_by_lower_index_inside_the_winners() -> None:
