@@ -1081,3 +1081,26 @@ def test_batch_cap_is_the_smallest_size_near_the_best_time_per_image() -> None:
     knee = RuntimePool([instance], {1: 0.100, 2: 0.060, 4: 0.0500, 8: 0.0490})
     assert knee.batch_cap(8) == 4  # 0.050 <= 0.049 * 1.05; 0.060 is not
     assert RuntimePool([instance]).batch_cap(8) == 8  # not timed: the configured maximum
+
+
+def test_warm_up_timing_lets_the_sizes_take_turns() -> None:
+    # A host that is twice as slow for its first three batches, then fast: timed one size
+    # after another, batch 1 would take both its timings in the slow spell and batch 2 one,
+    # and batching would seem to pay. Taking turns, every size gets a fast timing.
+    from service.runtime.pool import _time_batches
+
+    now = [0.0]
+    sizes_run: list[int] = []
+
+    class FlatModel:
+        """The same time per image at every batch size: batching buys nothing."""
+
+        def run(self, items: list[Any]) -> None:
+            sizes_run.append(len(items))
+            slow = 2.0 if len(sizes_run) <= 3 else 1.0
+            now[0] += 0.05 * len(items) * slow
+
+    per_image = _time_batches(cast(Any, FlatModel()), (3, 4, 4), 4, clock=lambda: now[0])
+    assert sizes_run == [1, 2, 4, 1, 2, 4]
+    assert per_image == pytest.approx({1: 0.05, 2: 0.05, 4: 0.05})
+    assert RuntimePool([cast(Any, object())], per_image).batch_cap(4) == 1
