@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
-import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from service.auth import KeyRing
@@ -24,6 +23,10 @@ from service.errors import ErrorBody, log_answer, to_api_error
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.middleware import REQUEST_ID_HEADER
+from service.responses import render_json
+
+# Where FrontPolicy.ordinary_head keeps its verdict on a request: (the policy, the head or None).
+_VERDICT_SCOPE_KEY = "hiera.ordinary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,22 @@ class FrontPolicy:
             and not (head.origin is not None and self.cors)
             and (self.keys is None or self.keys.admits(scope))
         )
+
+    def ordinary_head(self, scope: Scope) -> Head | None:
+        """Return the request's head if it is ordinary (`ordinary`), else None.
+
+        Worked out once per request and kept in the scope: the gate and then the lane both
+        ask, and the second gets the first answer instead of reading the headers and
+        comparing the key again.
+        """
+        seen = scope.get(_VERDICT_SCOPE_KEY)
+        if seen is not None and seen[0] is self:
+            verdict: Head | None = seen[1]
+            return verdict
+        head = read_head(scope)
+        verdict = head if self.ordinary(head, scope) else None
+        scope[_VERDICT_SCOPE_KEY] = (self, verdict)
+        return verdict
 
 
 async def read_body(receive: Receive) -> list[Message]:
@@ -168,4 +187,4 @@ class Answering:
         error = to_api_error(exc)
         self.metrics.failed(error.code)
         log_answer(error, exc)
-        await self.json(send, error.status, orjson.dumps(body(error)), error.headers)
+        await self.json(send, error.status, render_json(body(error)), error.headers)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.front import Answering, FrontPolicy, read_body, read_head, replay, whole
+from service.front import Answering, FrontPolicy, read_body, replay, whole
 from service.metrics import Metrics
 from service.middleware import ARRIVED_SCOPE_KEY, RequestIds
 from service.routes.accounting import AccountedRoute, is_inference
@@ -63,8 +63,8 @@ class RefusalGate:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self._route(scope["path"])
             if route is not None:
-                head = read_head(scope)
-                if self.policy.ordinary(head, scope):
+                head = self.policy.ordinary_head(scope)
+                if head is not None:
                     await self._door(route, head.request_id, scope, receive, send)
                     return
         await self.app(scope, receive, send)

@@ -20,6 +20,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from service.app import create_app
+from service.auth import KeyRing
 from service.batching import QueueFull
 from service.front import FrontPolicy
 from service.middleware import RequestIds
@@ -249,3 +250,27 @@ def test_the_lane_and_the_stack_share_the_query_defaults() -> None:
         "normalize": native.DEFAULT_NORMALIZE,
         "encoding": native.DEFAULT_ENCODING,
     }
+
+
+async def test_the_gate_and_the_lane_read_a_request_once(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ask whether a request is ordinary; the second gets the first's verdict, so a plain
+    # request's key is compared once, and one for the stack once more there (ApiKeyMiddleware).
+    compared: list[str] = []
+    admits = KeyRing.admits
+
+    def counting(self: KeyRing, scope: Scope) -> bool:
+        compared.append(scope["path"])
+        return admits(self, scope)
+
+    monkeypatch.setattr(KeyRing, "admits", counting)
+    app = create_app(repository_settings(micro_repository, api_keys="k-123"))
+    key = {"X-API-Key": "k-123"}
+    async with running(app) as client:
+        plain = await client.post("/v1/classify", content=IMAGE, headers={**JPEG, **key})
+        plain_compares = len(compared)
+        form = await client.post("/v1/classify", files={"image": IMAGE}, headers=key)
+    assert plain.status_code == form.status_code == 200
+    assert plain_compares == 1
+    assert len(compared) == 1 + 2
