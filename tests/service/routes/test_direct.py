@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,22 +155,39 @@ CASES: list[tuple[str, str, bytes]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "path", "body"), CASES, ids=[c[0] for c in CASES])
-async def test_the_lane_answers_as_the_stack_does(
-    micro_repository: Path, lane_off: Any, case: str, path: str, body: bytes
-) -> None:
+Prepare = Callable[[Any, httpx.AsyncClient], Awaitable[None]]
+
+
+async def _both_ways(
+    repository: Path, lane_off: Any, prepare: Prepare, path: str, body: bytes, request_id: str
+) -> tuple[list[dict[str, Any]], list[dict[Any, float]]]:
+    """Post `body` to `path` through the lane, then with the lane off, each time on a fresh app
+    (the lane's routes are read when a request arrives) readied by `prepare`; return the two
+    comparable answers and the two metric deltas."""
     answers, deltas = [], []
     for through_lane in (True, False):
         if not through_lane:
             lane_off()
-        # A fresh app each time (the lane's routes are read when a request arrives).
-        app = create_app(repository_settings(micro_repository))
+        app = create_app(repository_settings(repository))
         async with running(app) as client:
-            await client.post("/v1/classify", content=IMAGE, headers=JPEG)  # the first batch
+            await prepare(app, client)
             before = _metrics(app)
-            headers = {**JPEG, "X-Request-ID": f"case-{case}"}
+            headers = {**JPEG, "X-Request-ID": request_id}
             answers.append(_comparable(await client.post(path, content=body, headers=headers)))
             deltas.append(_delta(before, _metrics(app)))
+    return answers, deltas
+
+
+@pytest.mark.parametrize(("case", "path", "body"), CASES, ids=[c[0] for c in CASES])
+async def test_the_lane_answers_as_the_stack_does(
+    micro_repository: Path, lane_off: Any, case: str, path: str, body: bytes
+) -> None:
+    async def first_batch(app: Any, client: httpx.AsyncClient) -> None:
+        await client.post("/v1/classify", content=IMAGE, headers=JPEG)
+
+    answers, deltas = await _both_ways(
+        micro_repository, lane_off, first_batch, path, body, f"case-{case}"
+    )
     assert answers[0] == answers[1]
     assert deltas[0] == deltas[1]
     assert deltas[0][("hiera_requests_received_total", (("endpoint", path[4:].split("?")[0]),))]
@@ -181,34 +198,27 @@ async def test_refusals_and_failures_in_the_lane_match_the_stack(
     micro_repository: Path, lane_off: Any, state: str
 ) -> None:
     # The door's look passes; admission or the model then fails inside the route.
-    answers, deltas = [], []
-    for through_lane in (True, False):
-        if not through_lane:
-            lane_off()
-        app = create_app(repository_settings(micro_repository))
-        async with running(app) as client:
-            service = app.state.service
-            service.refusal = lambda: None  # the gate lets everything through to the route
-            before = _metrics(app)
-            if state == "full":
+    async def into_state(app: Any, client: httpx.AsyncClient) -> None:
+        service = app.state.service
+        service.refusal = lambda: None  # the gate lets everything through to the route
+        if state == "full":
 
-                def full(count: int = 1) -> Any:
-                    raise QueueFull("full", retry_after_s=2)
+            def full(count: int = 1) -> Any:
+                raise QueueFull("full", retry_after_s=2)
 
-                service.admit = full
-            elif state == "not ready":
-                service.state, service.reason = "draining", "shutting down"
-            else:
+            service.admit = full
+        elif state == "not ready":
+            service.state, service.reason = "draining", "shutting down"
+        else:
 
-                async def broken(*args: Any, **kwargs: Any) -> Any:
-                    raise RuntimeError("the model fell over")
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("the model fell over")
 
-                service.predict = broken
-            answer = await client.post(
-                "/v1/classify", content=IMAGE, headers={**JPEG, "X-Request-ID": "r-1"}
-            )
-            answers.append(_comparable(answer))
-            deltas.append(_delta(before, _metrics(app)))
+            service.predict = broken
+
+    answers, deltas = await _both_ways(
+        micro_repository, lane_off, into_state, "/v1/classify", IMAGE, "r-1"
+    )
     assert answers[0] == answers[1]
     assert deltas[0] == deltas[1]
     expected = {"full": 429, "not ready": 503, "broken": 500}[state]
