@@ -18,6 +18,7 @@ from service.batching import (
     InferenceFailed,
     QueueFull,
 )
+from service.engine.errors import EngineUnavailable
 from service.imaging import (
     CorruptImage,
     DegenerateImage,
@@ -83,6 +84,9 @@ def to_api_error(exc: BaseException) -> ApiError:
                         {"Retry-After": str(exc.retry_after_s)})  # fmt: skip
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, exc.code, "the request did not finish within its deadline")
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, exc.code, f"the model engine is unavailable: {exc}",
+                        {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, BatcherClosed):
         return ApiError(503, exc.code, "the server is shutting down", {"Retry-After": "5"})
     if isinstance(exc, InferenceFailed | BatcherError):
