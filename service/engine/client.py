@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 0.1  # between attempts to reach an engine that is starting
 HUNG_AFTER_S = 5.0  # a heartbeat older than this: the engine is hung, fail its requests
 KILL_AFTER_S = 10.0  # ... and older than this: kill it, so the supervisor restarts it
+HANDSHAKE_TIMEOUT_S = 5.0
 TENSOR_SLOTS = 32  # float32 inputs (KServe FP32 tensors) are rare and four times larger
 _WATCH_S = 0.25
 
@@ -112,7 +113,9 @@ class _Connection:
         self.writer = writer
         self.hello = hello
         self.waiting: dict[int, asyncio.Future[tuple[int, int, int, float, float]]] = {}
-        self.dead: str | None = None
+        self.dead: str | None = None  # why it can no longer be used
+        self.closed = False  # the engine's end closed: that process is gone
+        self.killed = False
 
 
 class ProcessEngine:
@@ -300,9 +303,12 @@ class ProcessEngine:
             try:
                 sock, hello, board, pools = await asyncio.to_thread(self._handshake)
                 break
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (OSError, ValueError, KeyError) as exc:
                 if self._closing:
                     raise EngineUnavailable("shutting down before the engine was reached") from None
+                if not isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+                    # An engine that closed or stalled mid-handshake (it died or hangs).
+                    log.warning("engine handshake on %s failed: %r; retrying", self.path, exc)
                 await asyncio.sleep(RECONNECT_S)
         sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -323,7 +329,7 @@ class ProcessEngine:
     def _handshake(self) -> tuple[socket.socket, dict[str, Any], Board, dict[int, _Pool]]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(30.0)
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
             sock.connect(self.path)
             hello, fds = wire.recv_hello(sock)
             board = Board.attach(fds[0], int(hello["cell"]))
@@ -373,6 +379,7 @@ class ProcessEngine:
                 pending = pending[whole:]
         except (ConnectionError, OSError):
             pass
+        conn.closed = True
         self._lost(conn, "the engine process exited; it is being restarted")
 
     async def _watch(self) -> None:
@@ -387,8 +394,6 @@ class ProcessEngine:
                 age = conn.board.beat_age()
                 if age > HUNG_AFTER_S:
                     self._lost(conn, f"the engine process has not answered for {age:.0f} s")
-                    if age > KILL_AFTER_S:
-                        self._kill(conn)
                 elif board_state != "ready" and self.state == "ready":
                     self._set_state(
                         "draining" if board_state == "draining" else "loading",
@@ -397,15 +402,15 @@ class ProcessEngine:
                 elif board_state == "ready" and self.state != "ready":
                     self._set_state("ready", "ok")
                 continue
-            if conn.board.beat_age() > KILL_AFTER_S:
-                self._kill(conn)
-            if self._closing:
+            if not conn.closed and not conn.killed and conn.board.beat_age() > KILL_AFTER_S:
+                self._kill(conn)  # hung, not gone: a restart is the only cure
+            if self._closing or not conn.closed:
                 continue
-            if conn.reader.at_eof():
-                with contextlib.suppress(EngineUnavailable):
-                    await self._connect()
+            with contextlib.suppress(EngineUnavailable):
+                await self._connect()
 
     def _kill(self, conn: _Connection) -> None:
+        conn.killed = True
         pid = conn.board.pid
         if pid > 0:
             log.error("the engine process (pid %d) hangs; killing it for a restart", pid)
