@@ -40,6 +40,35 @@ class SleepBackend:
         """Nothing to release."""
 
 
+def sleep_plan(variant_name: str, latency_ms: float, max_batch_size: int) -> Any:
+    """Return a load plan (service.runtime.loader.LoadPlan) whose one instance sleeps."""
+    from model.labels import class_names
+    from model.variants import get_variant
+    from service.runtime.loader import LoadPlan, ModelCard, preprocessing_of
+
+    variant = get_variant(variant_name)
+    card = ModelCard(
+        name=f"{variant.name}-sleep",
+        variant=variant.name,
+        preprocessing=preprocessing_of(variant),
+        embed_dim=variant.embed_dim,
+        num_classes=variant.num_classes,
+        labels=class_names(variant)[0],
+        weights_source="none (sleep backend)",
+        weights_kind="random",
+        weights_sha256="",
+        weights_license="n/a",
+        repository=None,
+    )
+
+    def backend() -> SleepBackend:
+        return SleepBackend(
+            latency_ms / 1e3, max_batch_size, variant.num_classes, variant.embed_dim
+        )
+
+    return LoadPlan(card, [("cpu", backend)])
+
+
 def thread_cpu() -> dict[str, Any]:
     """Return this process's CPU seconds, in total and per live thread (by thread name)."""
     threads = {}
@@ -78,31 +107,10 @@ def main() -> None:
 
     import service.app
     import service.cli
-    from model.labels import class_names
-    from model.variants import get_variant
     from service.app import create_app
-    from service.runtime.loader import LoadPlan, ModelCard, preprocessing_of
     from service.settings import Settings
 
-    variant = get_variant(args.variant)
-    card = ModelCard(
-        name=f"{variant.name}-sleep",
-        variant=variant.name,
-        preprocessing=preprocessing_of(variant),
-        embed_dim=variant.embed_dim,
-        num_classes=variant.num_classes,
-        labels=class_names(variant)[0],
-        weights_source="none (sleep backend)",
-        weights_kind="random",
-        weights_sha256="",
-        weights_license="n/a",
-        repository=None,
-    )
-
-    def backend() -> SleepBackend:
-        return SleepBackend(
-            args.latency_ms / 1e3, args.max_batch_size, variant.num_classes, variant.embed_dim
-        )
+    sleeping = sleep_plan(args.variant, args.latency_ms, args.max_batch_size)
 
     # The engine loads through plan() (service.inference did, before the engine split).
     loads = next(
@@ -112,7 +120,7 @@ def main() -> None:
     )  # fmt: skip
     if loads is None:
         raise SystemExit("the service no longer loads through plan(): update the bench")
-    loads.plan = lambda settings: LoadPlan(card, [("cpu", backend)])  # type: ignore[attr-defined]
+    loads.plan = lambda settings: sleeping  # type: ignore[attr-defined]
     settings = Settings(
         weights="random",
         device="cpu",

@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     over.add_argument("--factor", type=float, default=3.0, help="offered load / sustained rate")
     over.add_argument("--burst", type=int, default=200, help="requests written at once")
     over.add_argument("--bursts", type=int, default=5, help="bursts, each after the last drained")
+    split = p.add_argument_group(
+        "front ends and engines", "--split: the process layout beside the inline one"
+    )
+    split.add_argument(
+        "--split",
+        metavar="PARTS",
+        help="comma-separated: noop (sleeping engine, 1 and 2 front ends), model (real model, "
+        "inline vs process), memory (--workers 2 PSS), corridor (transport CPU per image)",
+    )
+    split.add_argument("--corridor-rate", type=float, default=1000.0, help="images per second")
     front = p.add_argument_group(
         "front-end mode", "--frontend: the model is a sleep; CPU ms per request by stage"
     )
@@ -111,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.frontend:
         return _frontend(args)
+    parts = {p for p in args.split.split(",") if p} if args.split else set()
+    if parts - {"noop", "corridor"} and args.model_repository is None:
+        parser.error("--split model,memory need --model-repository")
+    if parts:
+        return _split(args, parts)
     if args.model_repository is None:
         parser.error("--model-repository is required (except with --frontend)")
     if args.overload:
@@ -438,6 +453,39 @@ def _frontend(args: argparse.Namespace) -> int:
     frontend.print_table(report)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"frontend-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _split(args: argparse.Namespace, parts: set[str]) -> int:
+    from bench import split
+
+    image = resized_jpeg(500, 375, args.image)
+    report: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine("cpu"),
+        "image": "500x375 JPEG",
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+    }
+    if "noop" in parts:
+        report["noop"] = split.noop(
+            image, latency_ms=args.latency_ms, seconds=args.seconds, repeats=args.repeats
+        )
+    if "model" in parts:
+        report["model_name"] = ModelRepository.load(args.model_repository).manifest.name
+        report["model"] = split.model(
+            args.model_repository, image, seconds=args.seconds, repeats=args.repeats,
+            concurrency=args.concurrency,
+        )  # fmt: skip
+    if "memory" in parts:
+        report["memory"] = split.memory(args.model_repository, image)
+    if "corridor" in parts:
+        report["corridor"] = split.corridor(rate=args.corridor_rate, seconds=args.seconds)
+    split.print_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"split-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0

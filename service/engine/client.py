@@ -21,8 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -81,6 +80,9 @@ class _Pool:
         self._free = list(range(slots.count - 1, -1, -1))  # a stack: warm slots are reused
         self._freed = asyncio.Event()
 
+    def try_take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
     async def take(self) -> int:
         while not self._free:
             self._freed.clear()
@@ -96,26 +98,58 @@ class _Pool:
         return len(self._free)
 
 
-class _Connection:
-    """One corridor to one engine incarnation."""
+Answer = tuple[int, int, int, float, float]  # status, batch size, k, queue s, inference s
+
+
+class _Connection(asyncio.Protocol):
+    """One corridor to one engine incarnation: RESULT frames resolve their callers' futures.
+
+    Slots: while a request is in `waiting`, a caller that has left (its future cancelled) leaves
+    the slot to the RESULT, which frees it; once the RESULT is handed over, the caller frees it.
+    """
 
     def __init__(
         self,
         board: Board,
         pools: dict[int, _Pool],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         hello: dict[str, Any],
+        on_closed: Callable[[_Connection], None],
     ) -> None:
         self.board = board
         self.pools = pools
-        self.reader = reader
-        self.writer = writer
         self.hello = hello
-        self.waiting: dict[int, asyncio.Future[tuple[int, int, int, float, float]]] = {}
+        self.waiting: dict[int, tuple[asyncio.Future[Answer], _Pool, int]] = {}
         self.dead: str | None = None  # why it can no longer be used
         self.closed = False  # the engine's end closed: that process is gone
         self.killed = False
+        self.transport: asyncio.Transport | None = None
+        self.outbox: wire.Outbox | None = None
+        self._on_closed = on_closed
+        self._pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.outbox = wire.Outbox(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        pending = self._pending + data if self._pending else data
+        whole = len(pending) - len(pending) % wire.FRAME
+        for start in range(0, whole, wire.FRAME):
+            request, status, batch_size, k, queue_s, infer_s = wire.parse_result(pending, start)
+            waiter = self.waiting.pop(request, None)
+            if waiter is None:
+                continue
+            answer, pool, slot = waiter
+            if answer.done():  # its caller left: the engine is done with the slot now
+                pool.give(slot)
+            else:
+                answer.set_result((status, batch_size, k, queue_s, infer_s))
+        self._pending = pending[whole:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._on_closed(self)
 
 
 class ProcessEngine:
@@ -213,42 +247,43 @@ class ProcessEngine:
         conn = self._conn
         if conn is None or conn.dead is not None or self.state != "ready":
             raise EngineUnavailable(self.reason)
+        assert conn.outbox is not None
         want = want or Want(embedding=True, logits=True)
         kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
         pool = conn.pools[kind]
-        slot = await pool.take()
-        released = False
-        try:
+        slot = pool.try_take()
+        if slot is None:
+            slot = await pool.take()
             if conn.dead is not None:
-                raise EngineUnavailable(conn.dead)
-            np.copyto(pool.slots.inputs[slot], item)  # the one copy
-            request = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-            answer = asyncio.get_running_loop().create_future()
-            conn.waiting[request] = answer
-            bits = (wire.WANT_EMBEDDING if want.embedding else 0) | (
-                wire.WANT_LOGITS if want.logits else 0
-            )
-            top_k = min(want.top_k, pool.slots.layout.max_k)
-            conn.writer.write(wire.submit(request, kind, slot, top_k, bits, deadline or 0.0))
-            try:
-                # The engine enforces the deadline; this bound only guards against a lost answer.
-                limit = None if deadline is None else deadline - time.monotonic() + 1.0
-                async with asyncio.timeout(limit):
-                    status, batch_size, k, queue_s, infer_s = await asyncio.shield(answer)
-            except (asyncio.CancelledError, TimeoutError):
-                # The slot stays taken until the engine answers (it may be reading it now).
-                if not answer.done() and conn.dead is None:
-                    conn.writer.write(wire.cancel(request))
-                    answer.add_done_callback(partial(_give_back, pool, slot))
-                    released = True
-                raise
-            result = self._result(pool.slots, slot, status, batch_size, k, queue_s, infer_s, want)
-            return result
-        except TimeoutError:
-            raise DeadlineExceeded("deadline passed while waiting for the engine") from None
-        finally:
-            if not released:
                 pool.give(slot)
+                raise EngineUnavailable(conn.dead)
+        np.copyto(pool.slots.inputs[slot], item)  # the one copy
+        request = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        conn.waiting[request] = (answer, pool, slot)
+        bits = (wire.WANT_EMBEDDING if want.embedding else 0) | (
+            wire.WANT_LOGITS if want.logits else 0
+        )
+        top_k = min(want.top_k, pool.slots.layout.max_k)
+        conn.outbox.put(wire.submit(request, kind, slot, top_k, bits, deadline or 0.0))
+        try:
+            # The engine answers every SUBMIT once, by its deadline, or the corridor closes
+            # (then every waiting future fails): no timer of our own.
+            status, batch_size, k, queue_s, infer_s = await answer
+        except asyncio.CancelledError:
+            if request in conn.waiting and conn.dead is None:
+                conn.outbox.put(wire.cancel(request))  # its RESULT will free the slot
+            else:
+                conn.waiting.pop(request, None)
+                pool.give(slot)
+            raise
+        except BaseException:
+            pool.give(slot)  # the corridor closed: nobody reads the slot any more
+            raise
+        try:
+            return self._result(pool.slots, slot, status, batch_size, k, queue_s, infer_s, want)
+        finally:
+            pool.give(slot)
 
     def _result(
         self,
@@ -285,7 +320,7 @@ class ProcessEngine:
         if conn is None or not conn.waiting:
             return
         left = max(deadline - time.monotonic(), 0.0)
-        await asyncio.wait(list(conn.waiting.values()), timeout=left)
+        await asyncio.wait([answer for answer, _, _ in conn.waiting.values()], timeout=left)
 
     async def close(self, deadline: float) -> None:
         await self.drain(deadline)
@@ -294,7 +329,8 @@ class ProcessEngine:
         conn = self._conn
         if conn is not None:
             self._fail_all(conn, "the front end is shutting down")
-            conn.writer.close()
+            if conn.transport is not None:
+                conn.transport.close()
 
     # The corridor.
     async def _connect(self) -> None:
@@ -311,8 +347,8 @@ class ProcessEngine:
                     log.warning("engine handshake on %s failed: %r; retrying", self.path, exc)
                 await asyncio.sleep(RECONNECT_S)
         sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        conn = _Connection(board, pools, reader, writer, hello)
+        conn = _Connection(board, pools, hello, self._closed)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
         board.set_mine(self._mine)
         self._conn = conn
         self._info = hello["info"]
@@ -322,7 +358,6 @@ class ProcessEngine:
         self.backend_name = self._info["backend"]
         self.devices = list(self._info["devices"])
         self.providers = self._info["provider"].split(",")
-        self._tasks.append(loop.create_task(self._read(conn)))
         self._set_state("ready", "ok")
         log.info("engine reached on %s (pid %d)", self.path, int(hello.get("pid", 0)))
 
@@ -360,26 +395,7 @@ class ProcessEngine:
             sock.close()
             raise
 
-    async def _read(self, conn: _Connection) -> None:
-        pending = b""
-        try:
-            while True:
-                data = await conn.reader.read(256 * wire.FRAME)
-                if not data:
-                    break
-                pending += data
-                whole = len(pending) - len(pending) % wire.FRAME
-                for start in range(0, whole, wire.FRAME):
-                    request, status, batch_size, k, queue_s, infer_s = wire.parse_result(
-                        pending[start : start + wire.FRAME]
-                    )
-                    answer = conn.waiting.pop(request, None)
-                    if answer is not None and not answer.done():
-                        answer.set_result((status, batch_size, k, queue_s, infer_s))
-                pending = pending[whole:]
-        except (ConnectionError, OSError):
-            pass
-        conn.closed = True
+    def _closed(self, conn: _Connection) -> None:
         self._lost(conn, "the engine process exited; it is being restarted")
 
     async def _watch(self) -> None:
@@ -427,8 +443,10 @@ class ProcessEngine:
     def _fail_all(self, conn: _Connection, why: str) -> None:
         conn.dead = conn.dead or why
         waiting, conn.waiting = conn.waiting, {}
-        for answer in waiting.values():
-            if not answer.done():
+        for answer, pool, slot in waiting.values():
+            if answer.done():  # its caller left earlier; nobody reads the slot any more
+                pool.give(slot)
+            else:
                 answer.set_exception(EngineUnavailable(why))
 
     def _set_state(self, state: EngineState, reason: str) -> None:
@@ -437,13 +455,6 @@ class ProcessEngine:
         self.state, self.reason = state, reason
         if self._on_state is not None:
             self._on_state(state, reason)
-
-
-def _give_back(pool: _Pool, slot: int, answer: asyncio.Future[Any]) -> None:
-    """Free a cancelled request's slot once the engine has answered (or is gone)."""
-    if not answer.cancelled():
-        answer.exception()  # retrieved: its caller has left
-    pool.give(slot)
 
 
 def _error(status: int, reason: str) -> Exception:

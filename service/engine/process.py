@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,69 +46,69 @@ BEAT_S = 0.25  # how often the board's heartbeat and pace are refreshed
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class _Link:
+class _Link(asyncio.Protocol):
     """One front end's connection: its slots, its inputs in the engine, its board cell."""
 
     def __init__(
-        self,
-        engine: Engine,
-        board: Board,
-        cell: int,
-        pools: dict[int, Slots],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        pid: int,
+        self, engine: Engine, board: Board, cell: int, pools: dict[int, Slots], pid: int
     ) -> None:
         self.engine = engine
         self.board = board
         self.cell = cell
         self.pools = pools
-        self.reader = reader
-        self.writer = writer
         self.pid = pid
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.open = True
+        self.transport: asyncio.Transport | None = None
+        self.outbox: wire.Outbox | None = None
+        self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
+        self._pending = b""
 
-    async def run(self) -> None:
-        """Read frames until the front end goes; then drop its work and clear its cell."""
-        pending = b""
-        try:
-            while True:
-                data = await self.reader.read(64 * wire.FRAME)
-                if not data:
-                    break
-                pending += data
-                whole = len(pending) - len(pending) % wire.FRAME
-                view = memoryview(pending)
-                for start in range(0, whole, wire.FRAME):
-                    self._frame(view[start : start + wire.FRAME])
-                view.release()
-                pending = pending[whole:]
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.open = False
-            await self._forget()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.outbox = wire.Outbox(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        pending = self._pending + data if self._pending else data
+        whole = len(pending) - len(pending) % wire.FRAME
+        for start in range(0, whole, wire.FRAME):
+            self._frame(pending, start)
+        self._pending = pending[whole:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The front end went: drop its work, then clear its cell."""
+        self.open = False
+        task = asyncio.get_running_loop().create_task(self._forget())
+        task.add_done_callback(self._forgotten)
+
+    def _forgotten(self, _: asyncio.Task[None]) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def _done(self, request: int, _: asyncio.Task[None]) -> None:
         self.tasks.pop(request, None)
 
-    def _frame(self, frame: memoryview) -> None:
-        kind = frame[0]
+    def _frame(self, frames: bytes, offset: int) -> None:
+        kind = frames[offset]
         if kind == wire.SUBMIT:
-            request, pool, slot, top_k, want, deadline = wire.parse_submit(frame)
+            request, pool, slot, top_k, want, deadline = wire.parse_submit(frames, offset)
             task = asyncio.get_running_loop().create_task(
                 self._run_one(request, pool, slot, top_k, want, deadline)
             )
             self.tasks[request] = task
             task.add_done_callback(partial(self._done, request))
         elif kind == wire.CANCEL:
-            cancelled = self.tasks.get(wire.parse_cancel(frame))
+            cancelled = self.tasks.get(wire.parse_cancel(frames, offset))
             if cancelled is not None:
                 cancelled.cancel()
         else:
             log.error("front end pid %d sent an unknown frame %d; closing it", self.pid, kind)
-            self.writer.close()
+            self.close()
 
     async def _run_one(
         self, request: int, pool: int, slot: int, top_k: int, want: int, deadline: float
@@ -140,8 +140,8 @@ class _Link:
         except Exception:
             status = wire.FAILED  # the batcher has logged and counted the failure
         finally:
-            if self.open:
-                self.writer.write(wire.result(request, status, batch_size, k, queue_s, infer_s))
+            if self.open and self.outbox is not None:
+                self.outbox.put(wire.result(request, status, batch_size, k, queue_s, infer_s))
 
     async def _forget(self) -> None:
         tasks = list(self.tasks.values())
@@ -150,8 +150,6 @@ class _Link:
         if tasks:
             await asyncio.wait(tasks)
         self.board.clear(self.cell)
-        with contextlib.suppress(Exception):
-            self.writer.close()
         log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(tasks))
 
 
@@ -228,7 +226,7 @@ class EngineServer:
         beat.cancel()
         for link in list(self.links.values()):
             if link is not None:
-                link.writer.close()
+                link.close()
         if self.broken is not None:
             return RUNTIME_BROKEN
         return 0
@@ -272,11 +270,11 @@ class EngineServer:
                 conn.close()
                 return
             conn.setblocking(False)
-            reader, writer = await asyncio.open_connection(sock=conn)
-            link = _Link(self.engine, self.board, cell, pools, reader, writer, pid)
+            link = _Link(self.engine, self.board, cell, pools, pid)
+            await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=conn)
             self.links[cell] = link
             log.info("front end pid %d connected (cell %d)", pid, cell)
-            await link.run()
+            await link.gone
         finally:
             self.links.pop(cell, None)
 

@@ -9,6 +9,7 @@ frames is JSON with file descriptors attached (service.engine.client and .proces
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -50,18 +51,44 @@ def result(
     return _frame(_RESULT.pack(RESULT, request, status, batch_size, k, queue_s, infer_s))
 
 
-def parse_submit(frame: bytes | memoryview) -> tuple[int, int, int, int, int, float]:
-    _, request, pool, slot, top_k, want, deadline = _SUBMIT.unpack_from(frame)
+def parse_submit(
+    frame: bytes | memoryview, offset: int = 0
+) -> tuple[int, int, int, int, int, float]:
+    _, request, pool, slot, top_k, want, deadline = _SUBMIT.unpack_from(frame, offset)
     return request, pool, slot, top_k, want, deadline
 
 
-def parse_cancel(frame: bytes | memoryview) -> int:
-    return int(_CANCEL.unpack_from(frame)[1])
+def parse_cancel(frame: bytes | memoryview, offset: int = 0) -> int:
+    return int(_CANCEL.unpack_from(frame, offset)[1])
 
 
-def parse_result(frame: bytes | memoryview) -> tuple[int, int, int, int, float, float]:
-    _, request, status, batch_size, k, queue_s, infer_s = _RESULT.unpack_from(frame)
+def parse_result(
+    frame: bytes | memoryview, offset: int = 0
+) -> tuple[int, int, int, int, float, float]:
+    _, request, status, batch_size, k, queue_s, infer_s = _RESULT.unpack_from(frame, offset)
     return request, status, batch_size, k, queue_s, infer_s
+
+
+class Outbox:
+    """Send the frames put in one loop turn together: one write (one syscall) per turn.
+
+    A batch's results, or a burst's submits, resolve in the same turn; written one by one each
+    would cost a send() of its own.
+    """
+
+    def __init__(self, writer: asyncio.WriteTransport | asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._frames: list[bytes] = []
+
+    def put(self, frame: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
 
 
 # The handshake: one JSON message, length-prefixed, with file descriptors alongside.

@@ -202,12 +202,14 @@ async def test_an_engine_that_goes_away_fails_waiting_requests_at_once_then_come
     path = tmp_path / "engine.sock"
     async with front_end_after(settings, path) as (split, start_engine):
         server, stop = await start_engine()
+        await wait_until(lambda: split.ready, within_s=30)
         waiting = asyncio.create_task(_predict(split, 1))
         await wait_until(lambda: len(gate.batches) == 1)
         started = time.monotonic()
         for link in list(server.links.values()):  # the corridor closes, as when it dies
             assert link is not None
-            link.writer.transport.abort()
+            assert link.transport is not None
+            link.transport.abort()
         with pytest.raises(EngineUnavailable):
             await waiting
         assert time.monotonic() - started < 1.0

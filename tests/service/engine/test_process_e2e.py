@@ -264,16 +264,16 @@ def test_a_hung_engine_answers_503_within_seconds_and_is_replaced(
         assert classify(tree.url, 2).status_code == 200
 
 
-def _hang_up_after_sending(url: str, body: bytes) -> None:
-    """Send a whole request, then close the connection without reading the answer."""
+def _send_request(url: str, body: bytes) -> socket.socket:
+    """Send a whole request and return the connection, its answer unread."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        head = (
-            f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        sock.sendall(head.encode() + body)
-        time.sleep(0.05)
+    sock = socket.create_connection((host, int(port)))
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
 
 
 def test_a_client_that_hangs_up_drops_its_image_in_the_engine_before_the_model(
@@ -295,12 +295,11 @@ def test_a_client_that_hangs_up_drops_its_image_in_the_engine_before_the_model(
             "the first batch",
             tree,
         )
-        second = threading.Thread(target=_hang_up_after_sending, args=(tree.url, make_image(2)))
-        second.start()
+        second = _send_request(tree.url, make_image(2))
         poll(
             lambda: tree.scrape().get(depth, 0) == 1, "the second image queued in the engine", tree
         )
-        second.join()
+        second.close()  # the client hangs up while its image waits in the engine
         cancelled = ("hiera_dropped_total", (("reason", "cancelled"),))
         poll(
             lambda: tree.scrape().get(cancelled, 0) == before.get(cancelled, 0) + 1,
