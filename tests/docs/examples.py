@@ -1,9 +1,11 @@
 """Find the shell and Python examples in the README and the docs, with the output each shows.
 
 A fenced `bash` or `python` block is an example. The line above it may mark it:
-`<!-- not run: REASON -->` (the tests skip it, and the reader learns why) or
-`<!-- run: export -->` (it runs without a server, in a temporary folder standing for /tmp/).
-An unmarked example runs against a real server. A `text` or `json` block that follows an
+`<!-- not run: REASON -->` (the tests skip it, and the reader learns why),
+`<!-- run: export -->` (it runs without a server), or `<!-- run: server ARGS -->` (it runs
+against a server of its own started with `VAR=value ... hiera-serve ARGS`, as the page's
+previous block shows). An unmarked example runs against `make run`'s server. Every example
+runs in a temporary folder standing for /tmp/. A `text` or `json` block that follows an
 example with only blank lines between is the output the example must print.
 """
 
@@ -16,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_LANGUAGES = {"bash", "sh", "shell", "python"}
 OUTPUT_LANGUAGES = {"text", "json", ""}
-MARK = re.compile(r"^<!-- (not run: (?P<reason>.*\S)|run: (?P<fixture>export)) -->$")
+MARK = re.compile(
+    r"^<!-- (not run: (?P<reason>.*\S)|run: (?P<fixture>export|server)(?P<args>( \S+)*)) -->$"
+)
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)\s*$")
 
 
@@ -45,6 +49,12 @@ class Example:
         if match is None:
             return "server"
         return "skip" if match.group("reason") else str(match.group("fixture"))
+
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        """The environment assignments and flags of the example's own server, if it has one."""
+        match = MARK.match(self.mark or "")
+        return tuple((match.group("args") or "").split()) if match else ()
 
 
 def documents() -> list[Path]:
