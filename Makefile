@@ -44,6 +44,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy docs/hooks/generated.py
 
 # The documentation site (mkdocs.yml, docs/) into build/site. --strict: a broken link, a page
 # missing from the navigation or a stale generated block fails the build.

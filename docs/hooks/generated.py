@@ -199,6 +199,7 @@ def _live_errors() -> Iterator[BaseException]:
 
 
 def _subclasses(cls: type) -> Iterator[type]:
+    sub: type
     for sub in cls.__subclasses__():
         yield sub
         yield from _subclasses(sub)
