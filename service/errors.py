@@ -164,7 +164,8 @@ ERROR_CODES: dict[tuple[int, str], str] = {
     (400, "invalid_multipart"): "a multipart body that cannot be parsed",
     (400, "too_many_images"): "more than one `image` file sent to a single-image endpoint (use "
     "the `/batch` form)",
-    (400, "invalid_request"): "KServe v2: the JSON request does not follow the protocol's schema",
+    (400, "invalid_request"): "KServe v2 and OpenAI routes: a request (query, path or body) that "
+    "FastAPI's validation refuses",
     (400, "invalid_inference_request"): "KServe v2: malformed inference request (header, shapes, "
     "binary sizes, unknown input or output)",
     (400, "invalid_tensor"): "KServe v2: `images` pixels with the wrong dtype or shape, or with "
