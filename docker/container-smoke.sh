@@ -47,7 +47,7 @@ if ! podman image exists "$BASE_IMAGE"; then
     rm -rf "$rootfs"
 fi
 
-# The image holds a ~5 GB virtualenv (CUDA torch from PyPI); committing a layer briefly needs
+# The image holds a ~5 GB virtualenv (CUDA torch by default); committing a layer briefly needs
 # twice that. Refuse to start rather than fill a shared disk.
 free_gb=$(df --output=avail -BG /var/lib/containers /var/tmp | tail -n +2 | tr -dc '0-9\n' | sort -n | head -1)
 if [ "${free_gb:-0}" -lt 30 ]; then
