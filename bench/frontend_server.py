@@ -72,11 +72,12 @@ def main() -> None:
     parser.add_argument("--variant", default="hiera_tiny_224")
     args = parser.parse_args()
 
+    import importlib
+
     import uvicorn
 
     import service.app
     import service.cli
-    import service.inference
     from model.labels import class_names
     from model.variants import get_variant
     from service.app import create_app
@@ -103,9 +104,15 @@ def main() -> None:
             args.latency_ms / 1e3, args.max_batch_size, variant.num_classes, variant.embed_dim
         )
 
-    if not hasattr(service.inference, "plan"):
-        raise SystemExit("service.inference no longer loads through plan(): update the bench")
-    service.inference.plan = lambda settings: LoadPlan(card, [("cpu", backend)])
+    # The engine loads through plan() (service.inference did, before the engine split).
+    loads = next(
+        (m for name in ("service.engine.core", "service.inference")
+         if hasattr(m := importlib.import_module(name), "plan")),
+        None,
+    )  # fmt: skip
+    if loads is None:
+        raise SystemExit("the service no longer loads through plan(): update the bench")
+    loads.plan = lambda settings: LoadPlan(card, [("cpu", backend)])  # type: ignore[attr-defined]
     settings = Settings(
         weights="random",
         device="cpu",

@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from service.batching import QueueFull
 
@@ -23,6 +24,52 @@ from service.batching import QueueFull
 _RATE_SAMPLES = 256
 _MIN_RETRY_S = 1
 _MAX_RETRY_S = 60
+
+
+class Ledger(Protocol):
+    """Where admitted images are counted: in this process, or shared by every front end."""
+
+    @property
+    def outstanding(self) -> int:
+        """Images admitted and not yet answered, by everyone who shares the capacity."""
+        ...
+
+    @property
+    def mine(self) -> int:
+        """Images admitted by this process and not yet answered."""
+        ...
+
+    def take(self, count: int, capacity: int) -> bool:
+        """Count `count` more images if the total stays within `capacity`; else count none."""
+        ...
+
+    def give(self, count: int) -> None:
+        """Stop counting `count` of this process's images."""
+        ...
+
+
+class LocalLedger:
+    """Count admitted images in this process alone."""
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    @property
+    def outstanding(self) -> int:
+        return self._count
+
+    @property
+    def mine(self) -> int:
+        return self._count
+
+    def take(self, count: int, capacity: int) -> bool:
+        if self._count + count > capacity:
+            return False
+        self._count += count
+        return True
+
+    def give(self, count: int) -> None:
+        self._count -= count
 
 
 class Ticket:
@@ -60,11 +107,17 @@ class Admission:
         on_change: Callable[[int], None] | None = None,
         max_wait_s: float | None = None,
         backlog_seconds: Callable[[int], float | None] | None = None,
+        ledger: Ledger | None = None,
+        drain_rate: Callable[[], float | None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.outstanding = 0
+        # Shared with other front ends when the capacity is an engine's (service.engine.board).
+        self._ledger: Ledger = ledger if ledger is not None else LocalLedger()
+        # Where the drain rate comes from when others share the capacity (the engine measures
+        # it); by default, from this process's own completions.
+        self._drain_rate = drain_rate
         self._clock = clock
         # Told the new outstanding count after every admit and release (e.g. a gauge's set).
         self._on_change = on_change
@@ -81,20 +134,29 @@ class Admission:
         refused = self.refusal(count)
         if refused is not None:
             raise refused
-        self.outstanding += count
+        if not self._ledger.take(count, self.capacity):  # another front end took the room
+            refused = self.refusal(count, full=True)
+            assert refused is not None
+            raise refused
         self._changed()
         return Ticket(self, count)
 
-    def refusal(self, count: int = 1) -> QueueFull | None:
+    @property
+    def outstanding(self) -> int:
+        """Return the images admitted and not yet answered (every front end's, if shared)."""
+        return self._ledger.outstanding
+
+    def refusal(self, count: int = 1, *, full: bool = False) -> QueueFull | None:
         """Return the error `admit(count)` would raise now, or None if it would admit."""
-        if self.outstanding + count > self.capacity:
-            why = f"{self.outstanding} images already admitted (capacity {self.capacity})"
-        elif self.outstanding and self._max_wait_s and self._backlog_seconds is not None:
-            backlog = self._backlog_seconds(self.outstanding + count)
+        outstanding = self.outstanding
+        if full or outstanding + count > self.capacity:
+            why = f"{outstanding} images already admitted (capacity {self.capacity})"
+        elif outstanding and self._max_wait_s and self._backlog_seconds is not None:
+            backlog = self._backlog_seconds(outstanding + count)
             if backlog is None or backlog <= self._max_wait_s:
                 return None
             why = (
-                f"{self.outstanding} images already admitted need about {backlog:.1f} s of "
+                f"{outstanding} images already admitted need about {backlog:.1f} s of "
                 f"model time, past the {self._max_wait_s:g} s request timeout"
             )
         else:
@@ -113,6 +175,8 @@ class Admission:
     @property
     def drain_rate(self) -> float | None:
         """Return images completed per second over the recent completions, None if unknown."""
+        if self._drain_rate is not None:
+            return self._drain_rate()
         times = self._completions
         if len(times) < 2:
             return None
@@ -120,12 +184,12 @@ class Admission:
         return (len(times) - 1) / span if span > 0 else None
 
     def _release(self, count: int, completed: bool) -> None:
-        self.outstanding -= count
-        if completed:
+        self._ledger.give(count)
+        if completed and self._drain_rate is None:
             now = self._clock()
             self._completions.extend([now] * count)
         self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:
-            self._on_change(self.outstanding)
+            self._on_change(self._ledger.mine)

@@ -48,7 +48,7 @@ def create_app(
     """
     # The *_created series double /metrics for no dashboard use; process-wide, set per app.
     disable_created_metrics()
-    metrics = Metrics(workers=settings.workers)
+    metrics = Metrics(workers=settings.workers, shared=settings.engine_socket is not None)
     service = InferenceService(settings, metrics, on_broken=on_broken)
 
     @contextlib.asynccontextmanager

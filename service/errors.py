@@ -18,6 +18,7 @@ from service.batching import (
     InferenceFailed,
     QueueFull,
 )
+from service.engine.errors import EngineUnavailable
 from service.imaging import (
     CorruptImage,
     DegenerateImage,
@@ -83,6 +84,9 @@ def to_api_error(exc: BaseException) -> ApiError:
                         {"Retry-After": str(exc.retry_after_s)})  # fmt: skip
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, exc.code, "the request did not finish within its deadline")
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, exc.code, f"the model engine is unavailable: {exc}",
+                        {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, BatcherClosed):
         return ApiError(503, exc.code, "the server is shutting down", {"Retry-After": "5"})
     if isinstance(exc, InferenceFailed | BatcherError):
@@ -201,5 +205,7 @@ ERROR_CODES: dict[tuple[int, str], str] = {
     "comes with `Retry-After: 5`",
     (503, "shutting_down"): "an accepted request still unanswered when `--drain-timeout-s` runs "
     "out; comes with `Retry-After: 5`",
+    (503, "engine_unavailable"): "with `--engine process`: the engine process died, hung or is "
+    "restarting, and every request waiting on it gets this at once; comes with `Retry-After: 1`",
     (504, "deadline_exceeded"): "not finished within `--request-timeout-s`",
 }

@@ -1,4 +1,11 @@
-"""The serving core without HTTP: load the model, decode images, batch, and track readiness."""
+"""The seam between a front end and an engine: admit, check, decode, then submit to the engine.
+
+A front end asks everything of its engine through one small interface (`EngineClient`): the
+engine is in this process (`--engine inline`: `service.engine.core.Engine`) or in an engine
+process behind the corridor (`--engine process`: `service.engine.client.ProcessEngine`).
+Neither this module nor the routes import torch or ONNX Runtime; only an inline engine does,
+when it loads.
+"""
 
 from __future__ import annotations
 
@@ -9,43 +16,62 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from model.artifacts import RepositoryError
-from model.checkpoints import CheckpointError
-from model.export import ExportError
-from model.hiera import WeightsUnavailable
-from model.variants import UnknownVariant
 from service import imaging
-from service.admission import Admission, Ticket
-from service.batching import BatchResult, DynamicBatcher, QueueFull
-from service.decode_batcher import DecodeBatcher
+from service.admission import Admission, Ledger, Ticket
+from service.batching import BatchResult, QueueFull
+from service.card import ModelCard
+from service.engine.state import EVERYTHING, EngineState, Want
 from service.errors import ApiError, NotReady
 from service.imaging.device import DEVICE_FORMATS
-from service.metrics import BatcherMetrics, Metrics
-from service.runtime.base import BackendError
-from service.runtime.devices import cuda_uuids
-from service.runtime.loader import ModelCard, plan
-from service.runtime.pool import InputSpec, RuntimePool
+from service.metrics import Metrics
 from service.runtime.threads import lower_priority
-from service.runtime_health import RuntimeBroken, RuntimeHealth
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.decode_batcher import DecodeBatcher
 
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "draining", "failed", "stopped"]
 
-# Errors that come from what the operator asked for (paths, weights, devices), not from bugs.
-_CONFIGURATION_ERRORS = (
-    RepositoryError,
-    CheckpointError,
-    WeightsUnavailable,
-    BackendError,
-    ExportError,
-    UnknownVariant,
-)
+
+class EngineClient(Protocol):
+    """What a front end asks of an engine, wherever the engine runs (the only door)."""
+
+    state: EngineState
+    reason: str
+    card: ModelCard | None
+    batch_cap: int
+    capacity: int
+
+    @property
+    def backend_name(self) -> str: ...
+
+    devices: list[str]
+    providers: list[str]
+    abandoned_threads: bool
+
+    @property
+    def broken(self) -> bool: ...
+    @property
+    def model_device(self) -> str: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def drain_rate(self) -> float | None: ...
+
+    def info(self) -> dict[str, Any]: ...
+    def backlog_seconds(self, images: int) -> float | None: ...
+    async def load(self) -> None: ...
+    async def submit(
+        self, item: Any, deadline: float | None, want: Want | None = None
+    ) -> BatchResult: ...
+    async def drain(self, deadline: float) -> None: ...
+    async def close(self, deadline: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,10 +97,12 @@ class _Prepared:
 
 
 class InferenceService:
-    """Own the runtime pool, the batcher and the decoders for one served model.
+    """Admit, decode and submit one served model's inputs to its engine; track readiness.
 
-    `decode_on` overrides where the tensor decoder runs (tests use "cpu" to exercise the device
-    path without a GPU); by default it follows `settings.decode_device`.
+    `engine` is the door to the engine; by default it is built at load from the settings
+    (`--engine inline` or `process`). `decode_on` overrides where the tensor decoder runs (tests
+    use "cpu" to exercise the device path without a GPU); by default it follows
+    `settings.decode_device`.
     """
 
     def __init__(
@@ -84,18 +112,13 @@ class InferenceService:
         *,
         decode_on: str | None = None,
         on_broken: Callable[[BaseException], None] | None = None,
+        engine: EngineClient | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.state: State = "loading"
-        self.reason = "loading the model"
-        self.card: ModelCard | None = None
-        self.pool: RuntimePool | None = None
-        self.batch_cap = settings.max_batch_size  # lowered after warm-up if batching buys nothing
-        self.batcher: DynamicBatcher | None = None
-        self.backend_name = settings.backend
-        self.devices: list[str] = []
-        self.providers: list[str] = []
+        self._state: State = "loading"
+        self._reason = "loading the model"
+        self.engine = engine
         self.decode_device = "cpu"
         self._decode_on = decode_on
         self._decoder = ThreadPoolExecutor(
@@ -107,133 +130,156 @@ class InferenceService:
         self._device_decoder: DecodeBatcher | None = None
         self.loaded = asyncio.Event()  # set when loading ends, successfully or not
         self.admission: Admission | None = None
-        self.health = RuntimeHealth(
-            max_consecutive_failures=settings.max_consecutive_failures,
-            batch_timeout_s=settings.batch_timeout_s,
-            on_broken=self._runtime_broken,
-        )
         self._on_broken = on_broken
-        # True once shutdown had to leave a hung model thread behind: the process must then
-        # exit without joining it.
-        self.abandoned_threads = False
         self._drain_by: float | None = None  # set when shutdown begins
+
+    # What the engine knows, as the routes read it.
+    @property
+    def card(self) -> ModelCard | None:
+        return self.engine.card if self.engine is not None else None
+
+    @property
+    def batch_cap(self) -> int:
+        return self.engine.batch_cap if self.engine is not None else self.settings.max_batch_size
+
+    @property
+    def backend_name(self) -> str:
+        return self.engine.backend_name if self.engine is not None else self.settings.backend
+
+    @property
+    def devices(self) -> list[str]:
+        return self.engine.devices if self.engine is not None else []
+
+    @property
+    def providers(self) -> list[str]:
+        return self.engine.providers if self.engine is not None else []
+
+    def engine_info(self) -> dict[str, Any]:
+        """Return what the engine says of its runtime (empty before it is reached)."""
+        engine = self.engine
+        return engine.info() if engine is not None and engine.card is not None else {}
+
+    @property
+    def pool(self) -> Any:
+        """The inline engine's runtime pool (None behind a corridor or before loading)."""
+        return getattr(self.engine, "pool", None)
+
+    @property
+    def batcher(self) -> Any:
+        """The inline engine's batcher (None behind a corridor or before loading)."""
+        return getattr(self.engine, "batcher", None)
+
+    @property
+    def abandoned_threads(self) -> bool:
+        return self.engine is not None and self.engine.abandoned_threads
+
+    @property
+    def state(self) -> State:
+        """Return this front end's state; while it is ready, an engine that is not shows."""
+        engine = self.engine
+        if self._state == "ready" and engine is not None and engine.state != "ready":
+            return "failed" if engine.state in ("failed", "stopped") else engine.state
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+
+    @property
+    def reason(self) -> str:
+        engine = self.engine
+        if self._state == "ready" and engine is not None and engine.state != "ready":
+            return engine.reason
+        return self._reason
+
+    @reason.setter
+    def reason(self, reason: str) -> None:
+        self._reason = reason
 
     @property
     def broken(self) -> bool:
         """Return whether the runtime is broken for good (liveness fails, restart the pod)."""
-        return self.health.broken is not None or (self.state == "failed" and self.card is not None)
+        return self.engine is not None and self.engine.broken
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def _make_engine(self) -> EngineClient:
+        if self.settings.engine == "process":
+            from service.engine.client import ProcessEngine
+
+            return ProcessEngine(self.settings, on_state=self._engine_state)
+        from service.engine.core import Engine
+
+        return Engine(
+            self.settings, self.metrics, on_state=self._engine_state, on_broken=self._broken
+        )
+
     async def load(self) -> None:
-        """Plan, build and warm every instance, then start batching; failures flip readiness."""
+        """Load (or reach) the engine, then start admitting; failures flip readiness."""
         started = time.perf_counter()
+        if self.engine is None:
+            self.engine = self._make_engine()
+        engine = self.engine
         try:
-            load_plan = await asyncio.to_thread(plan, self.settings)
-            card = load_plan.card
-            pp = card.preprocessing
-            height, width = pp.input_size
-            self.pool = await RuntimePool.start(
-                load_plan.instances,
-                inputs=InputSpec((3, height, width), pp.mean, pp.std),
-                max_batch_size=self.settings.max_batch_size,
-                time_batches=self.settings.batch_cap_from_warmup,
-                niceness=self.settings.thread_niceness,
-                solo=load_plan.solo,
-            )
-            self.batch_cap = self.pool.batch_cap(self.settings.max_batch_size)
+            await engine.load()
+            card = engine.card
+            assert card is not None
             # Pillow imports its plugins on the first decode (40-80 ms holding the GIL and the
             # import lock): here, rather than inside the first burst of requests.
             await asyncio.get_running_loop().run_in_executor(self._decoder, imaging.register_codecs)
             self._device_decoder = await asyncio.to_thread(
-                self._start_device_decoder, pp, self.pool.instances[0].device
+                self._start_device_decoder, card.preprocessing, engine.model_device
             )
-            # Everything admitted counts: images decoding, queued, and one capped batch per
-            # instance running, so decode work never piles up beyond what the queue holds.
-            capacity = self.settings.max_queue_size + self.pool.size * self.batch_cap
-            self.batcher = DynamicBatcher(
-                self.pool.infer,
-                collate=list,  # the pool's feeders assemble batches on their own devices
-                max_batch_size=self.batch_cap,
-                max_delay_ms=self.settings.max_delay_ms,
-                # Room for everything admission lets in (queue + one capped batch per instance):
-                # admission is the limit. A tighter bound here raced the batcher's own loop (an
-                # item not yet popped into its batch still counted as queued) and refused
-                # admitted requests after decoding them.
-                max_queue_size=capacity,
-                concurrency=self.pool.size,
-                observer=_HealthObserver(BatcherMetrics(self.metrics), self.health),
-                on_error=self._runtime_broken,
-                on_batch_error=self._batch_failed,
-                wait_when_idle=self.settings.batch_wait_when_idle,
-            )
+            ledger: Ledger | None = getattr(engine, "ledger", None)
             self.admission = Admission(
-                capacity,
+                engine.capacity,
                 on_change=self.metrics.admitted.set,
                 max_wait_s=self.settings.request_timeout_s,
-                backlog_seconds=self.batcher.backlog_seconds,
+                backlog_seconds=engine.backlog_seconds,
+                ledger=ledger,
+                drain_rate=(lambda: engine.drain_rate) if ledger is not None else None,
             )
-            self.pool.waiting = lambda: self.batcher.queue_depth if self.batcher else 0
-            await self.batcher.start()
-            self.health.watch(self.pool.all_instances)
         except Exception as exc:
             self.fail(exc)
             raise
-        self.card = card
-        self.devices = [instance.device for instance in self.pool.all_instances]
-        self.providers = [
-            getattr(instance.backend, "provider", instance.backend.name)
-            for instance in self.pool.all_instances
-        ]
-        gpus = await asyncio.to_thread(cuda_uuids, self.devices)
-        if gpus and self.metrics.enable_gpu_metrics(gpus):
-            log.info("GPU metrics enabled (NVML): %s", gpus)
-        self.metrics.model_load.set(time.perf_counter() - started)
+        info = engine.info()
         self.metrics.model_info.info(
             {
                 "name": card.name,
                 "variant": card.variant,
-                "backend": self.backend_name,
-                "provider": ",".join(sorted(set(self.providers))),
-                "precision": self.settings.precision,
+                "backend": info["backend"],
+                "provider": info["provider"],
+                "precision": info["precision"],
                 "decode_device": self.decode_device,
                 "weights": card.weights_source,
             }
         )
-        if card.random_weights:
-            log.warning(
-                "SERVING RANDOM WEIGHTS: %s was randomly initialised; predictions are noise",
-                card.name,
-            )
-        solo = " side by side + 1 on every core (adaptive layout)" if self.pool.solo else ""
         log.info(
-            "ready: %s on %s x%d%s in %.1f s", card.name, self.backend_name, self.pool.size,
-            solo, time.perf_counter() - started,
+            "ready: %s on %s x%d (%s engine) in %.1f s", card.name, engine.backend_name,
+            info["instances"], self.settings.engine, time.perf_counter() - started,
         )  # fmt: skip
-        if self.state == "loading":  # not if shutdown began while the model loaded
+        if self._state == "loading":  # not if shutdown began while the model loaded
             self._set_state("ready", "ok")
 
     def fail(self, exc: BaseException) -> None:
-        """Mark the service not ready after a load failure, a backend error or a dead worker."""
-        if isinstance(exc, _CONFIGURATION_ERRORS):
-            # The message says what to fix; a traceback would only bury it.
-            log.error("cannot serve: %s", exc)
-        else:
-            log.error("model failure, readiness is now false: %r", exc, exc_info=exc)
-        self.metrics.runtime_errors.inc()
-        # RuntimeBroken's message is ours and says what tripped; others may hold internals.
-        reason = str(exc) if isinstance(exc, RuntimeBroken) else None
-        self._set_state("failed", reason or f"{type(exc).__name__} in the model runtime")
+        """Mark the service not ready after a load failure (the engine logged what broke)."""
+        engine = self.engine
+        if engine is not None and engine.state == "failed":
+            self._set_state("failed", engine.reason)
+            return
+        from service.engine.errors import describe_failure
 
-    def _batch_failed(self, exc: BaseException) -> None:
-        self.metrics.batch_failures.inc()
-        self.health.batch_failed(exc)
+        reason = describe_failure(exc)
+        log.error("cannot serve: %s", reason)
+        self._set_state("failed", reason)
 
-    def _runtime_broken(self, exc: BaseException) -> None:
-        self.fail(exc)
-        self.metrics.runtime_broken.set(1)
+    def _engine_state(self, state: EngineState, reason: str) -> None:
+        """Follow the engine: readiness (and the ready gauge) reflects it at once."""
+        self.metrics.ready.set(1 if self.state == "ready" else 0)
+
+    def _broken(self, exc: BaseException) -> None:
         if self._on_broken is not None:
             self._on_broken(exc)
 
@@ -246,27 +292,21 @@ class InferenceService:
         """
         if self._drain_by is None:
             self._drain_by = time.monotonic() + self.settings.drain_timeout_s
-            if self.state != "failed":
+            if self._state != "failed":
                 self._set_state("draining", "shutting down")
-        await self.health.stop()
-        if self.batcher is not None:
-            left = max(self._drain_by - time.monotonic(), 0.0)
-            await self.batcher.close(drain=True, timeout=left)
+        if self.engine is not None:
+            await self.engine.drain(self._drain_by)
 
     async def close(self) -> None:
-        """Drain (if shutdown has not already), then release the model."""
+        """Drain (if shutdown has not already), then release the engine."""
         await self.drain()
         assert self._drain_by is not None
-        if self.pool is not None:
-            # A hung backend call must not stretch shutdown past the drain timeout (plus a
-            # moment for instances that are merely finishing).
-            grace = max(self._drain_by - time.monotonic(), 0.0) + 0.5
-            if not await self.pool.close(timeout=grace):
-                self.abandoned_threads = True
+        if self.engine is not None:
+            await self.engine.close(self._drain_by)
         self._decoder.shutdown(wait=False, cancel_futures=True)
         if self._device_decoder is not None:
             self._device_decoder.close()
-        if self.state == "draining":
+        if self._state == "draining":
             self._set_state("stopped", "stopped")
 
     def admit(self, count: int = 1) -> Ticket:
@@ -286,7 +326,13 @@ class InferenceService:
         return self.admission.refusal(1)
 
     async def predict(
-        self, data: bytes, endpoint: str, deadline: float, *, ticket: Ticket
+        self,
+        data: bytes,
+        endpoint: str,
+        deadline: float,
+        *,
+        ticket: Ticket,
+        want: Want = EVERYTHING,
     ) -> Outcome:
         """Decode, preprocess, batch and run one image; raises domain errors for bad input.
 
@@ -296,7 +342,7 @@ class InferenceService:
         completed = False
         queued = [False]  # set once the image reaches the batcher
         try:
-            outcome = await self._predict(data, endpoint, deadline, queued)
+            outcome = await self._predict(data, endpoint, deadline, queued, want)
             completed = True
             return outcome
         except asyncio.CancelledError:
@@ -309,9 +355,10 @@ class InferenceService:
             ticket.release(1, completed=completed)
 
     async def _predict(
-        self, data: bytes, endpoint: str, deadline: float, queued: list[bool]
+        self, data: bytes, endpoint: str, deadline: float, queued: list[bool], want: Want
     ) -> Outcome:
-        if not self.ready or self.batcher is None or self.card is None:
+        engine = self.engine
+        if not self.ready or engine is None or self.card is None:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
         prepared = await self._prepare(data, self.card.preprocessing)
@@ -320,7 +367,7 @@ class InferenceService:
         stage(endpoint, "preprocess").observe(prepared.preprocess_seconds)
         self.metrics.image_pixels.observe(prepared.width * prepared.height)
         queued[0] = True
-        result = await self.batcher.submit(prepared.pixels, deadline=deadline)
+        result = await engine.submit(prepared.pixels, deadline, want)
         stage(endpoint, "queue").observe(result.queue_seconds)
         stage(endpoint, "inference").observe(result.infer_seconds)
         return Outcome(
@@ -332,10 +379,11 @@ class InferenceService:
         )
 
     async def predict_pixels(
-        self, pixels: np.ndarray, endpoint: str, deadline: float
+        self, pixels: np.ndarray, endpoint: str, deadline: float, want: Want = EVERYTHING
     ) -> list[Outcome]:
         """Batch and run already-preprocessed float32 `[B, 3, H, W]` pixels, all or none."""
-        if not self.ready or self.batcher is None or self.card is None:
+        engine = self.engine
+        if not self.ready or engine is None or self.card is None:
             raise NotReady(self.reason)
         height, width = self.card.preprocessing.input_size
         if pixels.dtype != np.float32 or pixels.ndim != 4 or pixels.shape[1:] != (3, height, width):
@@ -347,13 +395,13 @@ class InferenceService:
             )  # fmt: skip
         if not np.isfinite(pixels).all():
             raise ApiError(400, "invalid_tensor", "pixels contain NaN or infinite values")
-        batcher, stage = self.batcher, self.metrics.stage
+        stage = self.metrics.stage
         ticket = self.admit(len(pixels))  # admitted or refused (429) whole
 
         async def one(item: np.ndarray) -> Outcome:
             completed = False
             try:
-                result = await batcher.submit(np.ascontiguousarray(item), deadline=deadline)
+                result = await engine.submit(np.ascontiguousarray(item), deadline, want)
                 completed = True
             finally:
                 ticket.release(1, completed=completed)
@@ -411,9 +459,16 @@ class InferenceService:
     ) -> DecodeBatcher | None:
         """Build the tensor decoder where the model runs, if JPEGs are decoded on the device."""
         where = self._decode_on
+        if where is None and self.settings.engine == "process":
+            where = "cpu-host"  # device decode belongs to the engine; front ends decode here
+        if where == "cpu-host":
+            self.decode_device = "cpu"
+            return None
         if where is None:
             wanted = self.settings.decode_device
             if wanted == "cuda" and model_device == "cpu":
+                from service.runtime.base import BackendError
+
                 raise BackendError(
                     "--decode-device cuda, but the model runs on the CPU (no usable GPU); "
                     "use --decode-device cpu or auto"
@@ -423,6 +478,7 @@ class InferenceService:
         if where is None:
             self.decode_device = "cpu"
             return None
+        from service.decode_batcher import DecodeBatcher
         from service.imaging.device import TensorDecoder
 
         decoder = TensorDecoder(pp, where, max_pixels=self.settings.max_image_pixels)
@@ -431,31 +487,6 @@ class InferenceService:
         return DecodeBatcher(decoder, max_batch_size=self.settings.max_batch_size)
 
     def _set_state(self, state: State, reason: str) -> None:
-        self.state = state
-        self.reason = reason
-        self.metrics.ready.set(1 if state == "ready" else 0)
-
-
-class _HealthObserver:
-    """Pass batcher events to the metrics, and batch outcomes to the runtime health."""
-
-    def __init__(self, metrics: BatcherMetrics, health: RuntimeHealth) -> None:
-        self._metrics = metrics
-        self._health = health
-
-    def queue_depth(self, depth: int) -> None:
-        self._metrics.queue_depth(depth)
-
-    def queue_wait(self, seconds: float) -> None:
-        self._metrics.queue_wait(seconds)
-
-    def batch_dispatched(self, size: int) -> None:
-        self._metrics.batch_dispatched(size)
-
-    def batch_done(self, size: int, seconds: float, ok: bool) -> None:
-        self._metrics.batch_done(size, seconds, ok)
-        if ok:
-            self._health.batch_ok()
-
-    def dropped(self, reason: str) -> None:
-        self._metrics.dropped(reason)
+        self._state = state
+        self._reason = reason
+        self.metrics.ready.set(1 if self.state == "ready" else 0)

@@ -57,9 +57,12 @@ class Metrics:
     of every worker, so one scrape of any worker counts them all.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, workers: int = 1) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, workers: int = 1, shared: bool = False
+    ) -> None:
         self.workers = workers
-        self.multiprocess_dir = _multiprocess_dir() if workers > 1 else None
+        # `shared`: other processes (an engine) write into the same scrape even with one worker.
+        self.multiprocess_dir = _multiprocess_dir() if workers > 1 or shared else None
         self.gpu_sampler: GpuSampler | None = None
         self.registry = registry or CollectorRegistry()
         # In multiprocess mode the files are the registry: registering the metric objects too

@@ -171,6 +171,18 @@ class Settings(BaseSettings):
         description="server processes sharing the port, each with its own batcher and model "
         "instances; GPUs are split round-robin over them",
     )
+    engine: Literal["auto", "inline", "process"] = Field(
+        "auto",
+        description="where the model runs: process = one engine process per GPU (one for the "
+        "CPU instances) fed by every worker over shared memory, so the workers hold no model "
+        "and the GPU gets one batcher; inline = a model copy inside every worker; auto = "
+        "process on a GPU host, inline on a CPU-only host",
+    )
+    engine_socket: Path | None = Field(
+        None,
+        description="the Unix socket of a running engine process to serve from (set by the "
+        "supervisor for its workers; with it, this server loads no model of its own)",
+    )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="level")
     drain_timeout_s: float = Field(
@@ -225,6 +237,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "precision int8 is the quantized ONNX artifact for the CPU: use --backend onnx "
                 "with --device cpu (or auto on a host without a GPU)"
+            )
+        if self.engine == "process" and self.decode_device != "cpu":
+            raise ValueError(
+                "--engine process decodes on the workers' CPUs; device decode (--decode-device "
+                f"{self.decode_device}) needs --engine inline"
             )
         if self.decode_device == "cuda" and self.device == "cpu":
             raise ValueError(

@@ -10,16 +10,17 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.admission import Ticket
+from service.card import ModelCard
 from service.disconnect import until_disconnect
+from service.engine.state import Want
 from service.errors import ApiError, NotReady, to_api_error
 from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
-from service.postprocess import top_k
+from service.postprocess import Prediction, top_k
 from service.responses import JSONResponse
 from service.routes import kserve_codec as codec
 from service.routes.accounting import inference
 from service.routes.protocol import all_or_nothing, protocol_route
-from service.runtime.loader import ModelCard
 from service.schemas import protocol_error_responses
 
 SERVER_NAME = "hiera-serve"
@@ -116,12 +117,13 @@ async def kserve_infer(
         body = await asyncio.to_thread(codec.decompress, body, encoding, limit)
     parsed = codec.parse_request(body, request.headers.get(codec.HEADER_LENGTH))
     _check_classification(service, parsed.outputs)
+    want = wanted(card, parsed.outputs)
     if parsed.images is not None:
         _check_count(service, len(parsed.images))
         # Admitted or refused (429) whole, before any image is decoded.
         ticket = service.admit(len(parsed.images))
         work = [
-            _predict(service, data, index, deadline, ticket)
+            _predict(service, data, index, deadline, ticket, want)
             for index, data in enumerate(parsed.images)
         ]
         try:
@@ -132,7 +134,7 @@ async def kserve_infer(
         assert parsed.pixels is not None
         _check_count(service, parsed.pixels.shape[0] if parsed.pixels.ndim else 0)
         outcomes = await until_disconnect(
-            request.receive, service.predict_pixels(parsed.pixels, "kserve_infer", deadline)
+            request.receive, service.predict_pixels(parsed.pixels, "kserve_infer", deadline, want)
         )
     started = time.perf_counter()
     outputs = [_output(card, service, spec, outcomes) for spec in parsed.outputs]
@@ -152,11 +154,23 @@ async def kserve_infer(
     )
 
 
+def wanted(card: ModelCard, outputs: list[codec.RequestedOutput]) -> Want:
+    """Return what the engine must send back for these requested outputs."""
+    k = max((min(o.classification, card.num_classes) for o in outputs), default=0)
+    raw = {o.name for o in outputs if not o.classification}
+    return Want(top_k=k, embedding="embedding" in raw, logits="logits" in raw)
+
+
 async def _predict(
-    service: InferenceService, data: bytes, index: int, deadline: float, ticket: Ticket
+    service: InferenceService,
+    data: bytes,
+    index: int,
+    deadline: float,
+    ticket: Ticket,
+    want: Want,
 ) -> Outcome:
     try:
-        return await service.predict(data, "kserve_infer", deadline, ticket=ticket)
+        return await service.predict(data, "kserve_infer", deadline, ticket=ticket, want=want)
     except ImageError as exc:  # say which element was bad; the status stays errors.py's
         error = to_api_error(exc)
         message = f"{codec.BYTES_INPUT}[{index}]: {error.message}"
@@ -198,6 +212,14 @@ def _check_classification(service: InferenceService, outputs: list[codec.Request
             raise codec.bad_request(f"classification must be <= {limit}, got {spec.classification}")
 
 
+def predictions(outcome: Outcome, card: ModelCard, k: int) -> list[Prediction]:
+    """Return one outcome's k best classes (ranked by the engine when it sent only those)."""
+    result = outcome.result
+    if result.outputs is not None:
+        return result.outputs.top_k(result.row, card.labels, k)
+    return top_k(result.logits, card.labels, k)
+
+
 def _output(
     card: ModelCard, service: InferenceService, spec: codec.RequestedOutput, outcomes: list[Outcome]
 ) -> codec.OutputTensor:
@@ -207,7 +229,7 @@ def _output(
         elements = [
             f"{p.score}:{p.index}:{p.label}".encode()
             for o in outcomes
-            for p in top_k(o.result.logits, card.labels, k)
+            for p in predictions(o, card, k)
         ]
         return codec.OutputTensor(spec.name, "BYTES", [batch, k], elements, spec.binary)
     rows = [getattr(o.result, spec.name) for o in outcomes]

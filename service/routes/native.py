@@ -6,12 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.types import Receive
 
 from service.disconnect import until_disconnect
+from service.engine.state import Want
 from service.errors import ApiError, error_body, to_api_error
 from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize, top_k
@@ -46,7 +48,18 @@ TopK = Annotated[int, Query(ge=1, description="number of classes to return")]
 Normalize = Annotated[bool, Query(description="scale the embedding to unit L2 norm")]
 Encoding = Annotated[Literal["float", "base64"], Query(description="float list or base64 f32le")]
 
-Render = Callable[[Outcome], dict[str, Any]]
+
+@dataclass(frozen=True)
+class Render:
+    """How one image's answer is rendered, and what it needs back from the engine."""
+
+    fields: Callable[[Outcome], dict[str, Any]]
+    want: Want
+
+    def __call__(self, outcome: Outcome) -> dict[str, Any]:
+        return self.fields(outcome)
+
+
 # The query parameters' defaults (the direct lane reads them too: service.routes.direct).
 DEFAULT_TOP_K = 5
 DEFAULT_NORMALIZE = True
@@ -117,9 +130,11 @@ async def embed_batch(
 @router.get("/models", summary="The served model, runtime and batching settings")
 async def models(service: ServiceDep) -> JSONResponse:
     settings, card = service.settings, service.card
+    info = service.engine_info()
     entry: dict[str, Any] = {
         "ready": service.ready,
         "state": service.state,
+        "engine": "process" if settings.engine_socket is not None else "inline",
         "backend": service.backend_name,
         "devices": service.devices,
         "providers": service.providers,
@@ -128,17 +143,14 @@ async def models(service: ServiceDep) -> JSONResponse:
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "batch_cap": service.batch_cap,
-            "ms_per_image_by_batch_size": {
-                str(size): round(1e3 * t, 3)
-                for size, t in (service.pool.per_image_seconds if service.pool else {}).items()
-            },
+            "ms_per_image_by_batch_size": info.get("ms_per_image_by_batch_size", {}),
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_size": settings.max_queue_size,
             "instances": len(service.devices),
             # Batches that run at once; with the adaptive CPU layout, plus one instance on
             # every core that runs a request arriving alone (never beside the others).
-            "concurrent_batches": service.pool.size if service.pool else None,
-            "solo_instance": bool(service.pool and service.pool.solo),
+            "concurrent_batches": info.get("instances"),
+            "solo_instance": bool(info.get("solo_instance")),
             # Images admitted at once (decoding, queued, running); past it: 429.
             "capacity": service.admission.capacity if service.admission else None,
             "request_timeout_s": settings.request_timeout_s,
@@ -189,7 +201,7 @@ def classification(service: InferenceService, k: int) -> Render:
         return {"labels": [{"index": p.index, "label": p.label, "score": p.score}
                            for p in predictions]}  # fmt: skip
 
-    return render
+    return Render(render, Want(top_k=k))
 
 
 def embedding(unit: bool, encoding: str) -> Render:
@@ -207,7 +219,7 @@ def embedding(unit: bool, encoding: str) -> Render:
             "encoding": encoding,
         }
 
-    return render
+    return Render(render, Want(embedding=True))
 
 
 def _answer(
@@ -260,7 +272,7 @@ async def answer_one(
     ticket = service.admit(1)
     try:
         outcome = await until_disconnect(
-            receive, service.predict(data, endpoint, deadline, ticket=ticket)
+            receive, service.predict(data, endpoint, deadline, ticket=ticket, want=render.want)
         )
     finally:
         ticket.release_all()  # predict released it, unless cancelled before it began
@@ -282,7 +294,9 @@ async def _batch(
 
     async def one(index: int, data: bytes) -> dict[str, Any]:
         try:
-            outcome = await service.predict(data, endpoint, deadline, ticket=ticket)
+            outcome = await service.predict(
+                data, endpoint, deadline, ticket=ticket, want=render.want
+            )
             return {"index": index, "result": _answer(service, endpoint, outcome, render)}
         except Exception as exc:  # one bad image fails only its own entry
             error = to_api_error(exc)

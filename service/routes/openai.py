@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.admission import Ticket
 from service.disconnect import until_disconnect
+from service.engine.state import Want
 from service.errors import ApiError, to_api_error
 from service.imaging import ImageError
 from service.inference import InferenceService, Outcome
@@ -68,6 +69,9 @@ _ERRORS = protocol_error_responses(
 router = APIRouter(
     prefix="/v1", tags=["openai"], route_class=protocol_route(_error_body), responses=_ERRORS
 )
+
+
+_WANT = Want(embedding=True)
 
 
 def get_service(request: Request) -> InferenceService:
@@ -156,7 +160,7 @@ async def _predict(
     service: InferenceService, data: bytes, index: int, deadline: float, ticket: Ticket
 ) -> Outcome:
     try:
-        return await service.predict(data, ENDPOINT, deadline, ticket=ticket)
+        return await service.predict(data, ENDPOINT, deadline, ticket=ticket, want=_WANT)
     except ImageError as exc:  # say which input was bad; the status stays errors.py's
         error = to_api_error(exc)
         raise ParamError(f"input[{index}]", f"input[{index}]: {error.message}", error.status,

@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from model.artifacts import ArtifactKind, Manifest, ModelRepository, RepositoryError
 from model.artifacts import Preprocessing as ManifestPreprocessing
 from model.hiera import BuiltModel, build
 from model.labels import class_names
 from model.variants import Variant, custom_variant, get_variant
+from service.card import ModelCard
 from service.imaging import Preprocessing
 from service.runtime.base import Backend, BackendError
 from service.runtime.devices import resolve_devices, runtime_gpu_support
@@ -27,31 +27,6 @@ from service.settings import Settings, available_cores
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[], Backend]
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the service tells clients about the model it serves."""
-
-    name: str
-    variant: str
-    preprocessing: Preprocessing
-    embed_dim: int
-    num_classes: int
-    labels: list[str] = field(repr=False)
-    weights_source: str
-    weights_kind: str
-    weights_sha256: str
-    weights_license: str
-    repository: str | None
-    # The served artifact's file and, for a reduced precision, its measured agreement with fp32
-    # on real photos (the manifest's figures), so /v1/models can show what int8 costs.
-    artifact: str | None = None
-    agreement: dict[str, Any] | None = None
-
-    @property
-    def random_weights(self) -> bool:
-        return self.weights_kind == "random"
 
 
 @dataclass

@@ -97,11 +97,11 @@ class CommandedBackend:
 
 def install(control: Path) -> None:
     """Make the service wrap every instance it loads in a CommandedBackend."""
-    import service.inference
+    import service.engine.core
     from service.runtime.loader import BackendFactory, LoadPlan
     from service.settings import Settings
 
-    real_plan = service.inference.plan
+    real_plan = service.engine.core.plan
 
     def wrapped(factory: BackendFactory) -> BackendFactory:
         return lambda: CommandedBackend(factory(), control)  # type: ignore[return-value]
@@ -111,7 +111,11 @@ def install(control: Path) -> None:
         load_plan.instances = [(device, wrapped(f)) for device, f in load_plan.instances]
         return load_plan
 
-    service.inference.plan = commanded_plan  # type: ignore[assignment]
+    service.engine.core.plan = commanded_plan  # type: ignore[assignment]
+    # With --engine process, the model loads in engine processes: they run the same wrapping.
+    import service.workers
+
+    service.workers.ENGINE_MODULE = "tests.service.fault_engine"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-import service.inference
+import service.engine.core
 from service.app import create_app
 from service.runtime.base import Backend
 from tests.service.helpers import make_image, repository_settings, running, sample, wait_until
@@ -60,13 +60,13 @@ async def test_not_ready_while_loading(
     micro_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_plan = service.inference.plan
+    real_plan = service.engine.core.plan
 
     def slow_plan(settings: object) -> object:
         release.wait(timeout=30)
         return real_plan(settings)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service.inference, "plan", slow_plan)
+    monkeypatch.setattr(service.engine.core, "plan", slow_plan)
     app = create_app(repository_settings(micro_repository))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

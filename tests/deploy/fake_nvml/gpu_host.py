@@ -11,10 +11,10 @@ import sys
 
 import pynvml  # the fake beside this file, first on PYTHONPATH
 
-import service.inference
+import service.engine.core
 from service.cli import serve_main
 
-service.inference.cuda_uuids = lambda devices: {"cuda:0": pynvml.UUID}
+service.engine.core.cuda_uuids = lambda devices: {"cuda:0": pynvml.UUID}
 
 if __name__ == "__main__":
     sys.exit(serve_main())

@@ -1,0 +1,460 @@
+"""The door to an engine process: `ProcessEngine`, the corridor's front-end face.
+
+It has the interface of the in-process engine (service.engine.core.Engine, through
+service.inference.EngineClient), so the routes cannot tell them apart. Each input goes into one
+of this front end's shared-memory slots (the one copy), a SUBMIT frame names the slot, and the
+engine's RESULT frame says the outputs are in the slot beside it.
+
+When the corridor closes (the engine died) or the engine's heartbeat stops (it hangs), every
+waiting request fails at once with EngineUnavailable (503 + Retry-After) and the front end
+reconnects in the background; readiness returns when the new engine is warm. A hung engine is
+killed, so the supervisor restarts it. Nothing here imports torch or ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from service.batching import (
+    BatcherClosed,
+    BatchResult,
+    DeadlineExceeded,
+    InferenceFailed,
+    QueueFull,
+)
+from service.card import ModelCard
+from service.engine import wire
+from service.engine.errors import EngineUnavailable
+from service.engine.shm import Board, SlotLayout, Slots
+from service.engine.state import EngineState, Want
+from service.postprocess import Prediction, normalize_rows
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 0.1  # between attempts to reach an engine that is starting
+HUNG_AFTER_S = 5.0  # a heartbeat older than this: the engine is hung, fail its requests
+KILL_AFTER_S = 10.0  # ... and older than this: kill it, so the supervisor restarts it
+HANDSHAKE_TIMEOUT_S = 5.0
+TENSOR_SLOTS = 32  # float32 inputs (KServe FP32 tensors) are rare and four times larger
+_WATCH_S = 0.25
+
+
+class CorridorOutputs:
+    """One input's outputs as the engine sent them: its top k, its embedding."""
+
+    def __init__(self, indices: np.ndarray, scores: np.ndarray, embedding: np.ndarray) -> None:
+        self.indices = indices
+        self.scores = scores
+        self.embedding = embedding
+
+    def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:
+        """Return the k best classes, best first (the engine ranked them as top_k() does)."""
+        if k > len(self.indices):
+            raise ValueError(f"asked for top {k}, the engine sent {len(self.indices)}")
+        return [
+            Prediction(int(i), labels[int(i)], float(s))
+            for i, s in zip(self.indices[:k], self.scores[:k], strict=True)
+        ]
+
+    @property
+    def unit(self) -> np.ndarray:
+        return normalize_rows(self.embedding[None, :])
+
+
+class _Pool:
+    """This front end's slots of one kind, handed out one input at a time."""
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        self._free = list(range(slots.count - 1, -1, -1))  # a stack: warm slots are reused
+        self._freed = asyncio.Event()
+
+    async def take(self) -> int:
+        while not self._free:
+            self._freed.clear()
+            await self._freed.wait()
+        return self._free.pop()
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+        self._freed.set()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+
+class _Connection:
+    """One corridor to one engine incarnation."""
+
+    def __init__(
+        self,
+        board: Board,
+        pools: dict[int, _Pool],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        hello: dict[str, Any],
+    ) -> None:
+        self.board = board
+        self.pools = pools
+        self.reader = reader
+        self.writer = writer
+        self.hello = hello
+        self.waiting: dict[int, asyncio.Future[tuple[int, int, int, float, float]]] = {}
+        self.dead: str | None = None  # why it can no longer be used
+        self.closed = False  # the engine's end closed: that process is gone
+        self.killed = False
+
+
+class ProcessEngine:
+    """Reach the engine process at `settings.engine_socket`; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_state: Callable[[EngineState, str], None] | None = None,
+    ) -> None:
+        if settings.engine_socket is None:
+            raise ValueError("--engine process needs --engine-socket (the supervisor sets it)")
+        self.settings = settings
+        self.path = str(settings.engine_socket)
+        self.state: EngineState = "loading"
+        self.reason = "waiting for the engine process"
+        self.card: ModelCard | None = None
+        self.batch_cap = settings.max_batch_size
+        self.capacity = 0
+        self.backend_name: str = settings.backend
+        self.devices: list[str] = []
+        self.providers: list[str] = []
+        self.abandoned_threads = False
+        self._info: dict[str, Any] = {}
+        self._on_state = on_state
+        self._conn: _Connection | None = None
+        self._next_id = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._mine = 0
+
+    # The EngineClient interface.
+    @property
+    def broken(self) -> bool:
+        return False  # a broken engine exits and is restarted; this front end stays alive
+
+    @property
+    def model_device(self) -> str:
+        return self.devices[0] if self.devices else "cpu"
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    # The ledger admission counts in (service.admission.Ledger): the board's cells, shared by
+    # every front end. This front end's own count is kept here too, so that an engine restart
+    # (a new board) starts from the images it still has admitted.
+    @property
+    def ledger(self) -> ProcessEngine:
+        return self
+
+    @property
+    def outstanding(self) -> int:
+        conn = self._conn
+        return conn.board.outstanding if conn is not None else self._mine
+
+    @property
+    def mine(self) -> int:
+        return self._mine
+
+    def take(self, count: int, capacity: int) -> bool:
+        conn = self._conn
+        if conn is not None and not conn.board.take(count, capacity):
+            return False
+        self._mine += count
+        return True
+
+    def give(self, count: int) -> None:
+        self._mine -= count
+        conn = self._conn
+        if conn is not None:
+            conn.board.set_mine(self._mine)
+
+    @property
+    def drain_rate(self) -> float | None:
+        conn = self._conn
+        return conn.board.drain_rate if conn is not None else None
+
+    def backlog_seconds(self, images: int) -> float | None:
+        conn = self._conn
+        return conn.board.backlog_seconds(images) if conn is not None else None
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    async def load(self) -> None:
+        """Wait until the engine process answers and is ready, then keep the corridor open."""
+        await self._connect()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+
+    async def submit(
+        self, item: Any, deadline: float | None, want: Want | None = None
+    ) -> BatchResult:
+        conn = self._conn
+        if conn is None or conn.dead is not None or self.state != "ready":
+            raise EngineUnavailable(self.reason)
+        want = want or Want(embedding=True, logits=True)
+        kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
+        pool = conn.pools[kind]
+        slot = await pool.take()
+        released = False
+        try:
+            if conn.dead is not None:
+                raise EngineUnavailable(conn.dead)
+            np.copyto(pool.slots.inputs[slot], item)  # the one copy
+            request = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            answer = asyncio.get_running_loop().create_future()
+            conn.waiting[request] = answer
+            bits = (wire.WANT_EMBEDDING if want.embedding else 0) | (
+                wire.WANT_LOGITS if want.logits else 0
+            )
+            top_k = min(want.top_k, pool.slots.layout.max_k)
+            conn.writer.write(wire.submit(request, kind, slot, top_k, bits, deadline or 0.0))
+            try:
+                # The engine enforces the deadline; this bound only guards against a lost answer.
+                limit = None if deadline is None else deadline - time.monotonic() + 1.0
+                async with asyncio.timeout(limit):
+                    status, batch_size, k, queue_s, infer_s = await asyncio.shield(answer)
+            except (asyncio.CancelledError, TimeoutError):
+                # The slot stays taken until the engine answers (it may be reading it now).
+                if not answer.done() and conn.dead is None:
+                    conn.writer.write(wire.cancel(request))
+                    answer.add_done_callback(partial(_give_back, pool, slot))
+                    released = True
+                raise
+            result = self._result(pool.slots, slot, status, batch_size, k, queue_s, infer_s, want)
+            return result
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while waiting for the engine") from None
+        finally:
+            if not released:
+                pool.give(slot)
+
+    def _result(
+        self,
+        slots: Slots,
+        slot: int,
+        status: int,
+        batch_size: int,
+        k: int,
+        queue_s: float,
+        infer_s: float,
+        want: Want,
+    ) -> BatchResult:
+        if status != wire.OK:
+            raise _error(status, self.reason)
+        empty = np.zeros(0, np.float32)
+        embedding = slots.embedding[slot].copy() if want.embedding else empty
+        outputs = CorridorOutputs(
+            slots.indices[slot, :k].copy(), slots.scores[slot, :k].copy(), embedding
+        )
+        return BatchResult(
+            logits=slots.logits[slot].copy() if want.logits else empty,
+            embedding=embedding,
+            batch_size=batch_size,
+            queue_seconds=queue_s,
+            infer_seconds=infer_s,
+            outputs=outputs,  # type: ignore[arg-type]
+            row=0,
+        )
+
+    async def drain(self, deadline: float) -> None:
+        """Stop submitting; requests already sent finish in the engine (it drains after us)."""
+        self._closing = True
+        conn = self._conn
+        if conn is None or not conn.waiting:
+            return
+        left = max(deadline - time.monotonic(), 0.0)
+        await asyncio.wait(list(conn.waiting.values()), timeout=left)
+
+    async def close(self, deadline: float) -> None:
+        await self.drain(deadline)
+        for task in self._tasks:
+            task.cancel()
+        conn = self._conn
+        if conn is not None:
+            self._fail_all(conn, "the front end is shutting down")
+            conn.writer.close()
+
+    # The corridor.
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, hello, board, pools = await asyncio.to_thread(self._handshake)
+                break
+            except (OSError, ValueError, KeyError) as exc:
+                if self._closing:
+                    raise EngineUnavailable("shutting down before the engine was reached") from None
+                if not isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+                    # An engine that closed or stalled mid-handshake (it died or hangs).
+                    log.warning("engine handshake on %s failed: %r; retrying", self.path, exc)
+                await asyncio.sleep(RECONNECT_S)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        conn = _Connection(board, pools, reader, writer, hello)
+        board.set_mine(self._mine)
+        self._conn = conn
+        self._info = hello["info"]
+        self.card = ModelCard.from_dict(hello["card"])
+        self.capacity = int(hello["capacity"])
+        self.batch_cap = int(self._info["batch_cap"])
+        self.backend_name = self._info["backend"]
+        self.devices = list(self._info["devices"])
+        self.providers = self._info["provider"].split(",")
+        self._tasks.append(loop.create_task(self._read(conn)))
+        self._set_state("ready", "ok")
+        log.info("engine reached on %s (pid %d)", self.path, int(hello.get("pid", 0)))
+
+    def _handshake(self) -> tuple[socket.socket, dict[str, Any], Board, dict[int, _Pool]]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            sock.connect(self.path)
+            hello, fds = wire.recv_hello(sock)
+            board = Board.attach(fds[0], int(hello["cell"]))
+            card = hello["card"]
+            height, width = card["preprocessing"]["input_size"]
+            common = {"max_k": int(hello["max_k"]), "embed_dim": int(card["embed_dim"]),
+                      "num_classes": int(card["num_classes"])}  # fmt: skip
+            specs = [
+                (wire.CROPS, "uint8", int(hello["capacity"])),
+                (wire.TENSORS, "float32", min(TENSOR_SLOTS, int(hello["capacity"]))),
+            ]
+            pools: dict[int, _Pool] = {}
+            attach: list[dict[str, Any]] = []
+            for kind, dtype, count in specs:
+                layout = SlotLayout((3, height, width), dtype, **common)
+                slots = Slots.create(layout, count, f"hiera-slots-{kind}")
+                pools[kind] = _Pool(slots)
+                attach.append({"pool": kind, "input_shape": [3, height, width],
+                               "input_dtype": dtype, "count": count, **common})  # fmt: skip
+            wire.send_hello(
+                sock, {"pid": os.getpid(), "pools": attach}, [p.slots.fd for p in pools.values()]
+            )
+            for p in pools.values():
+                os.close(p.slots.fd)  # the mapping keeps the memory
+            hello["pid"] = board.pid
+            return sock, hello, board, pools
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _read(self, conn: _Connection) -> None:
+        pending = b""
+        try:
+            while True:
+                data = await conn.reader.read(256 * wire.FRAME)
+                if not data:
+                    break
+                pending += data
+                whole = len(pending) - len(pending) % wire.FRAME
+                for start in range(0, whole, wire.FRAME):
+                    request, status, batch_size, k, queue_s, infer_s = wire.parse_result(
+                        pending[start : start + wire.FRAME]
+                    )
+                    answer = conn.waiting.pop(request, None)
+                    if answer is not None and not answer.done():
+                        answer.set_result((status, batch_size, k, queue_s, infer_s))
+                pending = pending[whole:]
+        except (ConnectionError, OSError):
+            pass
+        conn.closed = True
+        self._lost(conn, "the engine process exited; it is being restarted")
+
+    async def _watch(self) -> None:
+        """Fail everything at once if the engine hangs; reconnect once it is gone."""
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            conn = self._conn
+            if conn is None:
+                continue
+            if conn.dead is None:
+                board_state = conn.board.state
+                age = conn.board.beat_age()
+                if age > HUNG_AFTER_S:
+                    self._lost(conn, f"the engine process has not answered for {age:.0f} s")
+                elif board_state != "ready" and self.state == "ready":
+                    self._set_state(
+                        "draining" if board_state == "draining" else "loading",
+                        f"the engine is {board_state}",
+                    )
+                elif board_state == "ready" and self.state != "ready":
+                    self._set_state("ready", "ok")
+                continue
+            if not conn.closed and not conn.killed and conn.board.beat_age() > KILL_AFTER_S:
+                self._kill(conn)  # hung, not gone: a restart is the only cure
+            if self._closing or not conn.closed:
+                continue
+            with contextlib.suppress(EngineUnavailable):
+                await self._connect()
+
+    def _kill(self, conn: _Connection) -> None:
+        conn.killed = True
+        pid = conn.board.pid
+        if pid > 0:
+            log.error("the engine process (pid %d) hangs; killing it for a restart", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _lost(self, conn: _Connection, why: str) -> None:
+        if conn.dead is None:
+            conn.dead = why
+            log.error("%s; failing its %d waiting requests", why, len(conn.waiting))
+            self._set_state("loading", why)
+        self._fail_all(conn, why)
+
+    def _fail_all(self, conn: _Connection, why: str) -> None:
+        conn.dead = conn.dead or why
+        waiting, conn.waiting = conn.waiting, {}
+        for answer in waiting.values():
+            if not answer.done():
+                answer.set_exception(EngineUnavailable(why))
+
+    def _set_state(self, state: EngineState, reason: str) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        self.state, self.reason = state, reason
+        if self._on_state is not None:
+            self._on_state(state, reason)
+
+
+def _give_back(pool: _Pool, slot: int, answer: asyncio.Future[Any]) -> None:
+    """Free a cancelled request's slot once the engine has answered (or is gone)."""
+    if not answer.cancelled():
+        answer.exception()  # retrieved: its caller has left
+    pool.give(slot)
+
+
+def _error(status: int, reason: str) -> Exception:
+    if status == wire.DEADLINE:
+        return DeadlineExceeded("deadline passed while waiting for the model")
+    if status == wire.CLOSED:
+        return BatcherClosed("the engine is shutting down")
+    if status == wire.FULL:
+        return QueueFull("the engine's queue is full; retry shortly")
+    if status == wire.CANCELLED:
+        return EngineUnavailable("the engine dropped the request")
+    if status == wire.INVALID:
+        return ValueError("the engine refused the input's shape or kind")
+    return InferenceFailed("inference failed in the engine process")

@@ -1,0 +1,349 @@
+"""The engine process: one model owner fed by every front end over the corridor.
+
+`python -m service.engine.process --socket PATH --settings JSON` loads the model, then listens
+on a Unix socket. Each front end that connects gets the model card, the board (capacity, pace,
+health) and a cell on it; it sends its slots' memory back. From then on it sends SUBMIT and
+CANCEL frames and gets one RESULT per SUBMIT, the outputs written into the input's slot.
+
+A front end that goes away has its queued inputs dropped and its cell cleared once none of its
+inputs is left in the engine. SIGTERM drains: queued and running work finishes within the drain
+timeout; the process exits 0 (LOAD_FAILED if the model never loaded, RUNTIME_BROKEN if the
+runtime broke, so the supervisor restarts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
+from service.engine import wire
+from service.engine.core import Engine
+from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.postprocess import best_k
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOAD_FAILED = 3
+RUNTIME_BROKEN = 4
+BEAT_S = 0.25  # how often the board's heartbeat and pace are refreshed
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _Link:
+    """One front end's connection: its slots, its inputs in the engine, its board cell."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        board: Board,
+        cell: int,
+        pools: dict[int, Slots],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pid: int,
+    ) -> None:
+        self.engine = engine
+        self.board = board
+        self.cell = cell
+        self.pools = pools
+        self.reader = reader
+        self.writer = writer
+        self.pid = pid
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.open = True
+
+    async def run(self) -> None:
+        """Read frames until the front end goes; then drop its work and clear its cell."""
+        pending = b""
+        try:
+            while True:
+                data = await self.reader.read(64 * wire.FRAME)
+                if not data:
+                    break
+                pending += data
+                whole = len(pending) - len(pending) % wire.FRAME
+                view = memoryview(pending)
+                for start in range(0, whole, wire.FRAME):
+                    self._frame(view[start : start + wire.FRAME])
+                view.release()
+                pending = pending[whole:]
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open = False
+            await self._forget()
+
+    def _done(self, request: int, _: asyncio.Task[None]) -> None:
+        self.tasks.pop(request, None)
+
+    def _frame(self, frame: memoryview) -> None:
+        kind = frame[0]
+        if kind == wire.SUBMIT:
+            request, pool, slot, top_k, want, deadline = wire.parse_submit(frame)
+            task = asyncio.get_running_loop().create_task(
+                self._run_one(request, pool, slot, top_k, want, deadline)
+            )
+            self.tasks[request] = task
+            task.add_done_callback(partial(self._done, request))
+        elif kind == wire.CANCEL:
+            cancelled = self.tasks.get(wire.parse_cancel(frame))
+            if cancelled is not None:
+                cancelled.cancel()
+        else:
+            log.error("front end pid %d sent an unknown frame %d; closing it", self.pid, kind)
+            self.writer.close()
+
+    async def _run_one(
+        self, request: int, pool: int, slot: int, top_k: int, want: int, deadline: float
+    ) -> None:
+        status, batch_size, k, queue_s, infer_s = wire.OK, 0, 0, 0.0, 0.0
+        try:
+            slots = self.pools.get(pool)
+            if slots is None or not 0 <= slot < slots.count:
+                status = wire.INVALID
+                return
+            result = await self.engine.submit(slots.inputs[slot], deadline or None)
+            batch_size, queue_s, infer_s = (
+                result.batch_size,
+                result.queue_seconds,
+                result.infer_seconds,
+            )
+            k = _write_outputs(slots, slot, result, top_k, want)
+            self.engine.completed(1)
+        except asyncio.CancelledError:
+            status = wire.CANCELLED
+        except DeadlineExceeded:
+            status = wire.DEADLINE
+        except (BatcherClosed, NotReady):
+            status = wire.CLOSED
+        except QueueFull:
+            status = wire.FULL
+        except ValueError:  # an input of the wrong shape or kind
+            status = wire.INVALID
+        except Exception:
+            status = wire.FAILED  # the batcher has logged and counted the failure
+        finally:
+            if self.open:
+                self.writer.write(wire.result(request, status, batch_size, k, queue_s, infer_s))
+
+    async def _forget(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self.board.clear(self.cell)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(tasks))
+
+
+def _write_outputs(slots: Slots, slot: int, result: Any, top_k: int, want: int) -> int:
+    """Write one input's requested outputs into its slot; return how many classes it holds."""
+    k = min(top_k, slots.layout.max_k)
+    if k:
+        outputs = result.outputs
+        scores = outputs.probabilities[result.row] if outputs is not None else None
+        if scores is None:
+            from service.postprocess import softmax
+
+            scores = softmax(result.logits)
+        best = best_k(scores, k)
+        slots.indices[slot, :k] = best
+        slots.scores[slot, :k] = scores[best]
+    if want & wire.WANT_EMBEDDING:
+        slots.embedding[slot] = result.embedding
+    if want & wire.WANT_LOGITS:
+        slots.logits[slot] = result.logits
+    return k
+
+
+class EngineServer:
+    """Load the engine, then serve front ends on a Unix socket until stopped."""
+
+    def __init__(self, settings: Settings, path: str, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.path = path
+        self.metrics = metrics or Metrics(workers=settings.workers, shared=True)
+        self.board = Board.create(generation=os.getpid())
+        self.broken: BaseException | None = None
+        self.engine = Engine(settings, self.metrics, on_state=self._state, on_broken=self._broken)
+        self.links: dict[int, _Link | None] = {}  # None: reserved during a handshake
+        self._serving: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+
+    def _state(self, state: str, reason: str) -> None:
+        self.board.set_state(state)
+
+    def _broken(self, exc: BaseException) -> None:
+        self.broken = exc
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Begin draining (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, *, signals: bool = True) -> int:
+        """Load, serve until stopped, drain; return the process's exit status."""
+        loop = asyncio.get_running_loop()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+        beat = loop.create_task(self._beat())
+        try:
+            await self.engine.load()
+        except Exception:
+            beat.cancel()
+            return LOAD_FAILED
+        self._publish()
+        gc.collect()
+        gc.freeze()  # torch's long-lived objects, never scanned again
+        listener = _listen(self.path)
+        accept = loop.create_task(self._accept(listener))
+        log.info("engine ready on %s (capacity %d)", self.path, self.engine.capacity)
+        await self._stop.wait()
+        accept.cancel()
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        await self.engine.close(deadline)
+        beat.cancel()
+        for link in list(self.links.values()):
+            if link is not None:
+                link.writer.close()
+        if self.broken is not None:
+            return RUNTIME_BROKEN
+        return 0
+
+    def _publish(self) -> None:
+        engine = self.engine
+        self.board.publish(
+            capacity=engine.capacity,
+            image_seconds=engine.image_seconds,
+            drain_rate=engine.drain_rate,
+        )
+
+    async def _beat(self) -> None:
+        while True:
+            self.board.beat()
+            if self.engine.batcher is not None:
+                self._publish()
+            await asyncio.sleep(BEAT_S)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = loop.create_task(self._serve(conn))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            cell = next(i for i in range(MAX_FRONT_ENDS) if i not in self.links)
+        except StopIteration:
+            log.error("more than %d front ends; refusing one", MAX_FRONT_ENDS)
+            conn.close()
+            return
+        self.links[cell] = None
+        try:
+            try:
+                pid, pools = await asyncio.to_thread(self._handshake, conn, cell)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("a front end's handshake failed: %s", exc)
+                conn.close()
+                return
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=conn)
+            link = _Link(self.engine, self.board, cell, pools, reader, writer, pid)
+            self.links[cell] = link
+            log.info("front end pid %d connected (cell %d)", pid, cell)
+            await link.run()
+        finally:
+            self.links.pop(cell, None)
+
+    def _handshake(self, conn: socket.socket, cell: int) -> tuple[int, dict[int, Slots]]:
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        card = self.engine.card
+        assert card is not None
+        hello = {
+            "card": card.to_dict(),
+            "info": self.engine.info(),
+            "cell": cell,
+            "capacity": self.engine.capacity,
+            "max_k": min(self.settings.max_top_k, card.num_classes),
+        }
+        wire.send_hello(conn, hello, [self.board.fd])
+        attach, fds = wire.recv_hello(conn)
+        pools: dict[int, Slots] = {}
+        for fd, spec in zip(fds, attach["pools"], strict=True):
+            layout = SlotLayout(
+                tuple(spec["input_shape"]),
+                spec["input_dtype"],
+                spec["max_k"],
+                spec["embed_dim"],
+                spec["num_classes"],
+            )
+            pools[spec["pool"]] = Slots.attach(fd, layout, spec["count"])
+            os.close(fd)  # the mapping keeps the memory
+        return int(attach["pid"]), pools
+
+
+def _listen(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(MAX_FRONT_ENDS)
+    sock.setblocking(False)
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run an engine process until SIGTERM; see the module docstring for the exit status."""
+    parser = argparse.ArgumentParser(prog="hiera-serve engine")
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--settings", required=True, help="Settings as JSON")
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate_json(args.settings)
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    from service.workers import exit_with_parent
+
+    exit_with_parent(os.getppid())
+    server = EngineServer(settings, args.socket)
+    try:
+        import uvloop
+
+        status = uvloop.run(server.run())
+    except ImportError:
+        status = asyncio.run(server.run())
+    if server.engine.abandoned_threads or status == RUNTIME_BROKEN:
+        logging.shutdown()
+        os._exit(status)
+    return status
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

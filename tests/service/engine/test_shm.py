@@ -1,0 +1,107 @@
+"""The corridor's shared memory: the board's shared admission, the slots' layout, the frames."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+
+import numpy as np
+
+from service.engine import wire
+from service.engine.shm import Board, SlotLayout, Slots
+
+
+def _hammer(fd: int, cell: int, capacity: int, rounds: int, seen: multiprocessing.Queue) -> None:
+    """Admit and release as fast as possible; report the largest total seen while admitted."""
+    board = Board.attach(fd, cell)
+    rng = np.random.default_rng(cell)
+    most = 0
+    for _ in range(rounds):
+        count = int(rng.integers(1, 4))
+        if board.take(count, capacity):
+            most = max(most, board.outstanding)
+            board.give(count)
+    seen.put(most)
+
+
+def test_front_ends_in_separate_processes_never_admit_past_the_capacity() -> None:
+    board = Board.create(generation=1)
+    capacity = 5
+    context = multiprocessing.get_context("fork")
+    seen: multiprocessing.Queue = context.Queue()
+    workers = [
+        context.Process(target=_hammer, args=(board.fd, cell, capacity, 20_000, seen))
+        for cell in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    most = [seen.get(timeout=5) for _ in workers]
+    assert max(most) <= capacity
+    assert max(most) >= capacity - 2  # they did compete for the room
+    assert board.outstanding == 0
+
+
+def test_a_front_ends_cell_counts_its_images_and_clearing_it_frees_them() -> None:
+    board = Board.create(generation=7)
+    one, two = Board.attach(board.fd, 0), Board.attach(board.fd, 1)
+    assert one.take(3, 4) and not two.take(2, 4) and two.take(1, 4)
+    assert board.outstanding == 4 and one.mine == 3 and two.mine == 1
+    board.clear(0)  # the engine, once front end 0 is gone and none of its inputs is left
+    assert two.outstanding == 1 and two.take(3, 4)
+    board.publish(capacity=4, image_seconds=0.5, drain_rate=10.0)
+    board.set_state("ready")
+    assert (two.state, two.capacity, two.generation, two.pid) == ("ready", 4, 7, os.getpid())
+    assert two.backlog_seconds(3) == 1.5 and two.drain_rate == 10.0
+    board.publish(capacity=4, image_seconds=0.0, drain_rate=None)
+    assert two.backlog_seconds(3) is None and two.drain_rate is None
+
+
+def test_slots_hold_an_input_and_its_outputs_apart_in_memory_both_sides_see() -> None:
+    layout = SlotLayout((3, 8, 6), "uint8", max_k=5, embed_dim=7, num_classes=11)
+    mine = Slots.create(layout, 4, "test-slots")
+    theirs = Slots.attach(os.dup(mine.fd), layout, 4)
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (4, 3, 8, 6), dtype=np.uint8)
+    mine.inputs[:] = crops
+    np.testing.assert_array_equal(theirs.inputs, crops)
+    for slot in range(4):  # the engine writes every output of every slot...
+        theirs.indices[slot] = slot
+        theirs.scores[slot] = slot + 0.5
+        theirs.embedding[slot] = -slot
+        theirs.logits[slot] = 2 * slot
+    np.testing.assert_array_equal(mine.inputs, crops)  # ...and no input is touched
+    assert mine.indices[3].tolist() == [3] * 5 and mine.scores[2].tolist() == [2.5] * 5
+    assert mine.embedding[1].tolist() == [-1] * 7 and mine.logits[3].tolist() == [6] * 11
+    assert layout.slot_bytes % 64 == 0
+    assert layout.slot_bytes >= 3 * 8 * 6 + 4 * (2 * 5 + 7 + 11)
+    tensors = SlotLayout((3, 8, 6), "float32", max_k=5, embed_dim=7, num_classes=11)
+    assert tensors.input_bytes == 4 * layout.input_bytes
+
+
+def test_frames_and_the_handshake_round_trip() -> None:
+    frame = wire.submit(7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
+    assert len(frame) == wire.FRAME and frame[0] == wire.SUBMIT
+    assert wire.parse_submit(frame) == (7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
+    assert wire.parse_cancel(wire.cancel(2**32 - 1)) == 2**32 - 1
+    answer = wire.result(9, wire.DEADLINE, 3, 5, 0.25, 0.5)
+    assert len(answer) == wire.FRAME and wire.parse_result(answer) == (
+        9,
+        wire.DEADLINE,
+        3,
+        5,
+        0.25,
+        0.5,
+    )
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    board = Board.create(generation=3)
+    message = {"card": {"labels": [f"class {i}" for i in range(5000)]}, "cell": 2}
+    wire.send_hello(left, message, [board.fd])
+    received, fds = wire.recv_hello(right)
+    assert received == message and len(fds) == 1
+    assert Board.attach(fds[0], 2).generation == 3
+    left.close()
+    right.close()
