@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install test test-fast lint lint-deploy container-smoke export run bench gpu-check clean
+.PHONY: install test test-fast lint lint-deploy docs docs-serve container-smoke export run bench gpu-check clean
 
 $(STAMP): pyproject.toml $(wildcard constraints*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy docs/hooks/generated.py
+
+# The documentation site (mkdocs.yml, docs/) into build/site. --strict: a broken link, a page
+# missing from the navigation or a stale generated block fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
 
 # Deployment files, checked by real tools: hadolint, Docker Compose v2, promtool, yamllint,
 # kubectl kustomize + kubernetes-validate, and the Grafana dashboard against a live /metrics.
@@ -92,7 +101,7 @@ export: $(STAMP)
 	$(VENV)/bin/hiera-export --variant $(VARIANT) --weights $(WEIGHTS) --out $(REPO) --overwrite $(ARGS)
 
 # Raw runtimes (fp32, int8, bf16), hiera-serve and a plain FastAPI app in one run; prints a
-# Markdown table and writes bench/results/*.json, *.md and *.png. Exports (again, with the
+# Markdown table and writes docs/bench/bench-*.json and the two plots (the Benchmarks page). Exports (again, with the
 # int8 artifact) when the repository has no onnx_int8 yet.
 # An existing export is reused only if it loads (checksums, format, sealed contract) and has int8.
 bench: $(STAMP)
@@ -103,8 +112,8 @@ bench: $(STAMP)
 		--formats onnx,torchscript,onnx_int8 --overwrite
 	$(VENV)/bin/hiera-bench --model-repository $(REPO)/$(VARIANT) $(ARGS)
 
-# Every GPU path against CPU fp32 on real photos, then Hiera-B fp16 throughput (JSON + table in
-# bench/results/gpu-check). Exits 77 (skipped) on a machine without a CUDA device.
+# Every GPU path against CPU fp32 on real photos, then Hiera-B fp16 throughput (a table, and
+# docs/bench/gpu-check-*.json for the Benchmarks page). Exits 77 (skipped) on a machine without a CUDA device.
 gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check $(ARGS)
 

@@ -1,6 +1,6 @@
 """What reduced-scale JPEG decode (`--jpeg-draft`) buys in decode time and costs in agreement.
 
-For each upload size, real photos (the README's and, where scikit-image is installed,
+For each upload size, real photos (the one in examples/ and, where scikit-image is installed,
 its sample photographs) are resized to that size and JPEG-encoded; each is then decoded and
 cropped exactly and with draft, timed on one thread, and both crops run through the model.
 Sources are at most 512x600, so the larger sizes are upscaled: smoother than a real 12 MP
@@ -29,7 +29,7 @@ def _sources() -> list[Image.Image]:
         from bench.photos import originals
 
         return list(originals().values())
-    except ImportError:  # no scikit-image (not a dev install): the README's photo alone
+    except ImportError:  # no scikit-image (not a dev install): the photo in examples/ alone
         return [Image.open(ROOT / "examples" / "grace_hopper.jpg").convert("RGB")]
 
 

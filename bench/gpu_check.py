@@ -77,7 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu-check", description=__doc__)
     p.add_argument("--model-repository", type=Path, help="hiera-export output (default: export)")
     p.add_argument("--variant", default="hiera_base_224", help="exported when no repository")
-    p.add_argument("--out", type=Path, default=Path("bench/results/gpu-check"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/gpu-check"),
+        help="scratch folder: the export and the TensorRT caches",
+    )
+    p.add_argument(
+        "--json-dir",
+        type=Path,
+        default=Path("docs/bench"),
+        help="where the run's JSON goes (the documentation's Benchmarks page reads it)",
+    )
     p.add_argument("--batch-sizes", default="64,128", help="model-only batch sizes")
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     p.add_argument("--concurrency", type=int, default=256, help="end-to-end HTTP clients")
@@ -131,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run["metrics_count_ok"] = False
                 report["end_to_end"].append(run)
                 print(f"\nend to end: {json.dumps(run)}")
-    path = args.out / f"gpu-check-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    args.json_dir.mkdir(parents=True, exist_ok=True)
+    gpu = report["gpu"].lower().replace("nvidia", "").strip().replace(" ", "-")
+    path = args.json_dir / f"gpu-check-{gpu}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     failed = [r["path"] for r in report["agreement"] if not r["ok"]]

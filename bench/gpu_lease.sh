@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make gpu-check` on a bare lent GPU machine that has PyTorch, timm and ONNX Runtime but none of
-# the web stack, and no network. The missing wheels travel in .whl/ (see README, "GPU check on a
-# lent machine"); everything this writes lands in $OUT (default bench/results/gpu-lease).
+# `make gpu-check` on an air-gapped GPU host that has PyTorch, timm and ONNX Runtime but none of
+# the web stack, and no network. The missing wheels travel in .whl/ (see the documentation,
+# Deployment > Installing on an air-gapped GPU host); the log and env.txt land in $OUT (default
+# bench/results/gpu-lease), the run's JSON in docs/bench like make gpu-check's.
 #   bash bench/gpu_lease.sh [gpu-check arguments...]
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-lease}
@@ -46,6 +47,4 @@ PY
 cat "$OUT/env.txt"
 export PYTHONUNBUFFERED=1
 python3 -m bench.gpu_check --out /tmp/gpu-check "$@" 2>&1 | tee "$OUT/gpu-check.log"
-status=${PIPESTATUS[0]}
-cp /tmp/gpu-check/gpu-check-*.json "$OUT/" 2>/dev/null
-exit "$status"
+exit "${PIPESTATUS[0]}"

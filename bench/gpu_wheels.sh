@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Where pip works: fetch the wheels a bare lent GPU machine lacks (README, "GPU check on a lent
-# machine"). Python 3.12, manylinux x86-64, versions pinned to this checkout's .venv where it has
-# them.
-#   .whl/                 the web stack (about 14 MB): carry it with the run that checks
-#   .whl-ort/part-NN      onnxruntime-gpu (255 MB) in 48 MB parts, over the 64 MiB one call may
-#                         carry: move one part at a time into .whl-ort-carry/ and carry that,
-#                         call after call while the machine stays warm, each run doing
-#                         `mkdir -p /tmp/ort && cp .whl-ort-carry/* /tmp/ort/`; gpu_lease.sh joins
-#                         them (checking the sha256) once all are there.
+# Where pip works: fetch the wheels an air-gapped GPU host lacks (see the documentation,
+# Deployment > Installing on an air-gapped GPU host). Python 3.12, manylinux x86-64, versions
+# pinned to this checkout's .venv where it has them.
+#   .whl/                 the web stack (about 14 MB)
+#   .whl-ort/part-NN      onnxruntime-gpu (255 MB) in 48 MB parts, for transfers that limit a
+#                         file's size; on the GPU host put every part, NAME, PARTS and SHA256SUMS
+#                         in /tmp/ort/, and gpu_lease.sh joins them (checking the sha256).
 #   bash bench/gpu_wheels.sh [--with-ort]
 set -euo pipefail
 PYVER=${PYVER:-3.12}

@@ -1,4 +1,4 @@
-"""Real photographs for agreement checks: the README's photo plus scikit-image's sample photos.
+"""Real photographs for agreement checks: the photo in examples/ plus scikit-image's sample photos.
 
 Used by the tests (CPU vs tensor decoder) and by `make gpu-check` (every GPU path vs CPU fp32).
 
@@ -49,7 +49,7 @@ def encode(image: Image.Image, **options: object) -> bytes:
 
 
 def resized_jpeg(width: int, height: int, source: Path | None = None) -> bytes:
-    """Return a photo (the README's by default) as a quality-90 JPEG of the given size."""
+    """Return a photo (the one in examples/ by default) as a quality-90 JPEG of the given size."""
     with Image.open(source or ROOT / "examples" / "grace_hopper.jpg") as photo:
         resized = photo.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
     return encode(resized, quality=90)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,72 @@ def _stages(run: dict[str, Any]) -> str:
     if not stages:
         return "—"
     return ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+
+
+def _statuses(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{count} x {status}" for status, count in statuses.items())
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Return a run's headline figures: one row of the Benchmarks page's history table.
+
+    A report that carries its own `summary` (a run kept only as its printed figures) gives
+    that instead.
+    """
+    if "summary" in report:
+        return dict(report["summary"])
+    m, best = report["machine"], report["raw_best_images_per_s"]
+    hiera = report["servers"]["hiera-serve"]["runs"]
+    plain = report["servers"].get("plain FastAPI")
+    single = hiera[1]
+    stages = single.get("stages_ms") or {}
+    allowance = stages.get("decode", 0) + stages.get("preprocess", 0) + 2.0
+    if single.get("slices"):
+        over = statistics.median(s["p50_ms"] - s["reference_p50_ms"] for s in single["slices"])
+        one_client = f"{over:.1f} vs {allowance:.1f} ms over raw"
+    else:
+        raw_b1 = (
+            single.get("reference_ms")
+            or next(iter(report["raw"].values()))["runs"][0]["batch_latency_ms"]
+        )
+        one_client = f"{single['latency_ms']['p50']:.1f} vs {raw_b1['p50'] + allowance:.1f} ms"
+    speedups = {label: raw["speedup_vs_fp32"] for label, raw in report["raw"].items()}
+    return {
+        "created_at": report["created_at"],
+        "model": report["model"],
+        "machine": f"{m['cpu']} ({m['cpus']} cores)",
+        "saturation_vs_raw_best": hiera[0]["images_per_s"] / best,
+        "vs_plain_app": hiera[0]["images_per_s"] / plain["runs"][0]["images_per_s"]
+        if plain
+        else None,
+        "one_client": one_client,
+        "int8_vs_fp32": speedups.get("onnx int8"),
+        "bf16_vs_fp32": speedups.get("eager bf16"),
+        "targets_met": all(t["met"] for t in report["targets"]),
+    }
+
+
+def history_table(reports: list[dict[str, Any]]) -> str:
+    """Render every run's headline figures as one Markdown table, oldest first."""
+
+    def ratio(value: float | None, unit: str = "") -> str:
+        return "—" if value is None else f"{value:.2f}{unit}"
+
+    rows = sorted((summary(r) for r in reports), key=lambda s: s["created_at"])
+    lines = [
+        "| run (UTC) | model | machine | saturation / raw best (>= 0.93) | vs plain app "
+        "(>= 1) | 1-client p50 vs bound | int8 / fp32 (>= 1.8x) | bf16 / fp32 (>= 1.8x) | "
+        "all targets met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        lines.append(
+            f"| {s['created_at'][:16].replace('T', ' ')} | `{s['model']}` | {s['machine']} | "
+            f"{ratio(s['saturation_vs_raw_best'])} | {ratio(s['vs_plain_app'], 'x')} | "
+            f"{s['one_client']} | {ratio(s['int8_vs_fp32'], 'x')} | "
+            f"{ratio(s['bf16_vs_fp32'], 'x')} | {'yes' if s['targets_met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -67,7 +134,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {load} | {run['images_per_s']:.1f} | "
                 f"{run['images_per_s'] / best:.2f} | {_ms(run['latency_ms'], 'p50')} | "
                 f"{_ms(run['latency_ms'], 'p95')} | {_ms(run['latency_ms'], 'p99')} | "
-                f"{run['statuses']} | {'—' if batch is None else f'{batch:.2f}'} | "
+                f"{_statuses(run['statuses'])} | {'—' if batch is None else f'{batch:.2f}'} | "
                 f"{_stages(run)} |"
             )
     if report.get("jpeg_draft"):
@@ -121,8 +188,12 @@ def overload_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """Draw latency vs offered load and throughput vs batch size; return the PNG paths."""
+def plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """Draw latency vs offered load and throughput vs batch size; return the PNG paths.
+
+    The files keep their names from run to run (the latest run's plots); the JSON files keep
+    the history.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +235,7 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_xlabel("offered load, requests/s (Poisson arrivals, one 500x375 JPEG each)")
     ax.set_ylabel("latency of answered requests, ms")
     ax.set_title("Latency vs offered load (open loop)")
-    paths.append(_finish(fig, ax, caption, out / f"{stem}-latency.png"))
+    paths.append(_finish(fig, ax, caption, out / "latency-vs-load.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, raw in report["raw"].items():
@@ -176,7 +247,7 @@ def plots(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_ylabel("images/s")
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput vs batch size, per backend and precision")
-    paths.append(_finish(fig, ax, caption, out / f"{stem}-throughput.png"))
+    paths.append(_finish(fig, ax, caption, out / "throughput-vs-batch.png"))
     return paths
 
 

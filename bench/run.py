@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-draft", action="store_true", help="skip the --jpeg-draft measurement")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
     p.add_argument("--image", type=Path, default=Path("examples/grace_hopper.jpg"))
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/bench"),
+        help="output folder: the run's JSON (the documentation's Benchmarks page reads every "
+        "bench-*.json there) and the two plots of the latest run",
+    )
     over = p.add_argument_group(
         "overload mode", "--overload: rejection latency at a multiple of capacity and in a burst"
     )
@@ -160,12 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{report['model']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    table = report_md.markdown(report)
-    print("\n" + table)
-    (args.out / f"{stem}.md").write_text(table)
-    for path in report_md.plots(report, args.out, stem):
+    print("\n" + report_md.markdown(report))
+    for path in report_md.plots(report, args.out):
         print(f"wrote {path}")
-    print(f"wrote {args.out / stem}.json and .md")
+    print(f"wrote {args.out / stem}.json")
     return 0
 
 

@@ -5,15 +5,16 @@
 # and imported into podman. Run as root (apt-get installs podman, runc and debootstrap if missing).
 #
 #   make container-smoke                    # or: bash docker/container-smoke.sh
-#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make container-smoke   # CPU-only torch
+#   TORCH_INDEX_URL=<an index of CPU-only torch wheels> make container-smoke   # smaller image
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=${BASE_IMAGE:-localhost/hiera-debian:bookworm}
 IMAGE=${IMAGE:-localhost/hiera-serve:cpu-smoke}
-# Only PyPI is reachable from the build machines, so torch comes from there (a CUDA build that
-# runs on the CPU); with the CPU index reachable, set TORCH_INDEX_URL for a much smaller image.
-TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}
+# pip uses its configured index (the host's pip.conf is lent to the build), so by default torch
+# is the CUDA build that also runs on the CPU; TORCH_INDEX_URL adds an index of CPU-only builds
+# for a much smaller image.
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 PORT=${PORT:-18080}
 NAME=hiera-smoke-$$
 # crun refuses this kernel's hybrid cgroup layout; runc runs it.
@@ -41,12 +42,12 @@ if ! podman image exists "$BASE_IMAGE"; then
     say "debootstrap a Debian bookworm rootfs for $BASE_IMAGE"
     rootfs=$(mktemp -d)
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 \
-        bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+        bookworm "$rootfs" >/dev/null  # debootstrap's default mirror
     tar -C "$rootfs" --numeric-owner -c . | podman import - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
 fi
 
-# The image holds a ~5 GB virtualenv (CUDA torch from PyPI); committing a layer briefly needs
+# The image holds a ~5 GB virtualenv (CUDA torch by default); committing a layer briefly needs
 # twice that. Refuse to start rather than fill a shared disk.
 free_gb=$(df --output=avail -BG /var/lib/containers /var/tmp | tail -n +2 | tr -dc '0-9\n' | sort -n | head -1)
 if [ "${free_gb:-0}" -lt 30 ]; then

@@ -2,7 +2,7 @@
 
 Random inputs (what `parity` uses) say nothing about quantization error on natural images,
 whose activations have different ranges. So the photos are real: a calibration set shipped
-with the package (`model/calibration/`, views of the README's public-domain photograph, so a
+with the package (`model/calibration/`, views of the public-domain photograph in examples/, so a
 production install without the dev extras can still check an export), or any folder of JPEGs
 and PNGs given with `--calibration-dir`. They are preprocessed the way timm's eval transform
 does it (resize the shorter side to size / crop_pct, bicubic, centre crop, normalise).

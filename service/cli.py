@@ -89,7 +89,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         # "auto" takes uvloop and httptools, both dependencies: they cut the event loop's
-        # CPU per request (README, Benchmarks).
+        # CPU per request (docs/how-it-works.md, "Front-end cost").
         loop="auto",
         http="auto",
         log_config=None,  # keep our JSON/text logging

@@ -152,3 +152,60 @@ def install_handlers(app: FastAPI) -> None:
     # id and count in metrics); anything else reaches RequestContextMiddleware's last resort.
     for domain_error in (ApiError, ImageError, BatcherError):
         app.add_exception_handler(domain_error, handle)
+
+
+# When each (status, code) answer is given: the documentation's status-code table is built from
+# these and from the statuses the code above and the routes actually use (a pair answered but
+# missing here fails tests/docs/test_generated.py).
+ERROR_CODES: dict[tuple[int, str], str] = {
+    (400, "empty_image"): "the request carried no image bytes",
+    (400, "corrupt_image"): "the image is in an accepted format but its data cannot be decoded "
+    "(Pillow's own truncation errors included)",
+    (400, "truncated_image"): "the data ends before the canvas its header declares is filled (a "
+    "PNG whose zlib stream ends early, a JPEG without its end-of-image marker on the GPU decode "
+    "path)",
+    (400, "missing_image"): "a multipart body without the `image` (or `images`) file field",
+    (400, "invalid_multipart"): "a multipart body that cannot be parsed",
+    (400, "too_many_images"): "more than one `image` file sent to a single-image endpoint (use "
+    "the `/batch` form)",
+    (400, "invalid_request"): "KServe v2 and OpenAI routes: a request (query, path or body) that "
+    "FastAPI's validation refuses",
+    (400, "invalid_inference_request"): "KServe v2: malformed inference request (header, shapes, "
+    "binary sizes, unknown input or output)",
+    (400, "invalid_tensor"): "KServe v2: `images` pixels with the wrong dtype or shape, or with "
+    "NaN or infinity",
+    (400, "invalid_embeddings_request"): "`/v1/embeddings`: missing `model` or `input`, token "
+    "ids, a URL, bad base64, an unsupported `encoding_format` or `dimensions`",
+    (401, "unauthorized"): "API keys are configured and the request carries none of them; comes "
+    "with `WWW-Authenticate: Bearer`",
+    (404, "not_found"): "unknown path",
+    (404, "model_not_found"): "a `/v2/models/{name}` other than the served model, or a version "
+    "other than `1`",
+    (405, "method_not_allowed"): "e.g. `GET /v1/classify`",
+    (413, "body_too_large"): "body over `--max-body-bytes` (on `/v2/.../infer`, also once "
+    "inflated)",
+    (413, "image_too_large"): "pixels over `--max-image-pixels`",
+    (413, "too_many_images"): "more images than `--max-images-per-request` in one request",
+    (415, "unsupported_media_type"): "a body neither `image/*`, `application/octet-stream` nor "
+    "multipart; on `/v2/.../infer`, a `Content-Encoding` other than gzip or deflate",
+    (415, "unsupported_format"): "a format outside the allowlist (JPEG, PNG, WebP, GIF, BMP, MPO; "
+    "TIFF is refused on purpose), sniffed from the bytes: the declared `Content-Type` is not "
+    "trusted",
+    (422, "invalid_request"): "a bad query parameter (e.g. `top_k=0`)",
+    (422, "degenerate_image"): "a side of 0 pixels or an aspect ratio beyond 1:200",
+    (429, "queue_full"): "admitting the request would exceed the capacity (`--max-queue-size` + "
+    "instances x the batch cap), or it would only join a backlog needing more model time than "
+    "`--request-timeout-s`; decided before any decode, a batch request whole; comes with "
+    "`Retry-After`",
+    (499, "client_disconnected"): "the client hung up before its answer was ready (nobody "
+    "receives this answer; it is counted as outcome `cancelled`)",
+    (500, "internal_error"): "the model call for this request's batch failed; the message is "
+    "generic and the details go to the log under the request id",
+    (503, "not_ready"): "loading, broken, or draining (a request that arrives after SIGTERM); "
+    "comes with `Retry-After: 5`",
+    (503, "shutting_down"): "an accepted request still unanswered when `--drain-timeout-s` runs "
+    "out; comes with `Retry-After: 5`",
+    (503, "engine_unavailable"): "with `--engine process`: the engine process died, hung or is "
+    "restarting, and every request waiting on it gets this at once; comes with `Retry-After: 1`",
+    (504, "deadline_exceeded"): "not finished within `--request-timeout-s`",
+}

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench import report as report_md
 from bench.baseline_app import create_baseline_app
 from bench.run import main, targets
 from model.hiera import BuiltModel
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_bench_measures_everything_in_one_run_and_writes_json_md_png(
+def test_bench_measures_everything_in_one_run_and_writes_json_and_plots(
     micro_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main([
@@ -74,7 +75,10 @@ def test_bench_measures_everything_in_one_run_and_writes_json_md_png(
         "hiera-serve: saturation >= 0.93x raw best batch",
         "hiera-serve one instance (--no-adaptive-layout): saturation >= 0.93x raw best batch",
     }
-    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "latency-vs-load.png", "throughput-vs-batch.png"
+    ]  # fmt: skip
+    assert report_md.summary(report)["model"] == "hiera_micro"
     assert "| target | measured | met |" in capsys.readouterr().out
 
 

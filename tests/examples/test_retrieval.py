@@ -17,7 +17,7 @@ from tests.service.helpers import live_server
 pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "retrieval"
-# Measured with the random-init micro model: 45/45 (see the README). Near-duplicates share
+# Measured with the random-init micro model: 45/45 (see docs/api/openai.md). Near-duplicates share
 # colour and layout, which even random features preserve; the bar leaves room for noise.
 MIN_RECALL_AT_1 = 0.9
 

@@ -129,7 +129,7 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 def test_cli_exports_real_tiny_variant(tmp_path: Path) -> None:
-    """The README's command: full-size hiera_tiny_224, random weights, ONNX + TorchScript."""
+    """docs/models/export.md's command: full-size hiera_tiny_224, random weights, ONNX + TS."""
     code = export_main(
         ["--variant", "hiera_tiny_224", "--weights", "random", "--out", str(tmp_path)]
     )

@@ -105,7 +105,7 @@ async def test_batch_endpoint_isolates_a_bad_image(
         response = await client.post("/v1/embed/batch?normalize=false", files=files)
         classified = await client.post("/v1/classify/batch?top_k=2", files=files)
     assert response.status_code == classified.status_code == 200
-    # A failed item carries only its index and the native error body (README, batch form); a
+    # A failed item carries only its index and the native error body (docs/api/native.md); a
     # good one only its index and the single-image answer.
     failed = {"code": "unsupported_format", "message": UNRECOGNIZED}
     for answer in (response, classified):
