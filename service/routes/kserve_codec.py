@@ -28,6 +28,52 @@ HEADER_LENGTH = "inference-header-content-length"
 _LENGTH = struct.Struct("<I")
 
 
+_PARAMETERS = {"type": "object", "additionalProperties": True}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string", "enum": [BYTES_INPUT, PIXELS_INPUT]},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+        "data": {"type": "array", "description": "base64 strings (BYTES) or numbers (FP32)"},
+        "parameters": _PARAMETERS,
+    },
+}
+# The JSON form, for /docs and schema-driven clients; the binary form (a JSON header
+# followed by raw tensors) is the same object with binary_data_size parameters.
+REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": _PARAMETERS,
+                        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                        "outputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": list(OUTPUTS)},
+                                    "parameters": _PARAMETERS,
+                                },
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "invalid_inference_request", message)
 

@@ -100,8 +100,16 @@ async def model_ready(name: str, service: ServiceDep, version: str = MODEL_VERSI
     return _readiness({"name": card.name, "ready": service.ready}, service)
 
 
-@router.post("/models/{name}/infer", summary="Run inference on encoded images or pixels")
-@router.post("/models/{name}/versions/{version}/infer", summary="Run inference on one version")
+@router.post(
+    "/models/{name}/infer",
+    summary="Run inference on encoded images or pixels",
+    openapi_extra=codec.REQUEST_BODY,
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Run inference on one version",
+    openapi_extra=codec.REQUEST_BODY,
+)
 @inference
 async def kserve_infer(
     name: str, request: Request, service: ServiceDep, version: str = MODEL_VERSION
