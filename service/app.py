@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, RequestIds
 from service.refusal_gate import RefusalGate
 from service.responses import JSONResponse
-from service.routes import health, kserve_v2, native, openai
+from service.routes import health, kserve_v2, native, openai, triton
 from service.routes.direct import DirectLane
 from service.settings import Settings
 
@@ -126,6 +126,7 @@ def create_app(
     install_handlers(app)
     app.include_router(native.router)
     app.include_router(health.router)
+    app.include_router(triton.router)  # first: /v2/models/stats before /v2/models/{name}
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
     if settings.metrics_port is None:

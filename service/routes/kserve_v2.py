@@ -25,7 +25,7 @@ from service.schemas import protocol_error_responses
 SERVER_NAME = "hiera-serve"
 SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 # Triton's platform names, so tooling that switches on them recognises the artifact kind.
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch"}
 
