@@ -54,6 +54,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(service, on_fatal), name="hiera-load")
+        grpc = None
+        if settings.grpc_port is not None:
+            from service.grpc_server import start_grpc  # grpcio only when asked for
+
+            grpc = await start_grpc(app)
         listener = None
         if settings.metrics_port is not None and metrics_listener:
             listener = start_http_server(
@@ -62,6 +67,8 @@ def create_app(
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop(settings.drain_timeout_s)
             if listener is not None:
                 listener[0].shutdown()
                 listener[0].server_close()
@@ -89,6 +96,7 @@ def create_app(
     ids = RequestIds()
     keys = load_keys((k.get_secret_value() for k in settings.api_keys), settings.api_keys_file)
     ring = KeyRing(keys) if keys else None
+    app.state.keys = ring
     # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
     # a preflight and a 401 both carry CORS headers, and a 401 carries a request id).
     if ring is not None:

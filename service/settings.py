@@ -164,6 +164,13 @@ class Settings(BaseSettings):
     # Process.
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="also serve the Open Inference Protocol over gRPC (KServe v2 / Triton's "
+        "GRPCInferenceService) on this port, same host; off unless set",
+    )
     workers: int = Field(
         1,
         ge=1,

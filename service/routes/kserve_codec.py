@@ -164,7 +164,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise bad_request(f"inputs[0].shape of '{BYTES_INPUT}' is [B] or [B, 1], got {shape}")
         if count == 0:
             raise bad_request(f"input '{name}' is empty (shape {shape})")
-        images = _bytes_elements(raw, count) if raw is not None else _json_bytes(spec, count)
+        images = split_bytes(raw, count) if raw is not None else _json_bytes(spec, count)
     elif name == PIXELS_INPUT and datatype == "FP32":
         if count == 0:
             raise bad_request(f"input '{name}' is empty (shape {shape})")
@@ -293,7 +293,9 @@ def _binary_part(spec: dict[str, Any], blob: bytes) -> bytes | None:
     return blob[:size]  # the only input, so its bytes are the whole blob (checked in _split)
 
 
-def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+def split_bytes(raw: bytes, count: int) -> list[bytes]:
+    """Split a binary BYTES tensor (uint32 little-endian length, then the bytes, per element)
+    into its `count` elements."""
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):

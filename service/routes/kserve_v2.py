@@ -74,23 +74,25 @@ async def server_ready(service: ServiceDep) -> JSONResponse:
 async def model_metadata(
     name: str, service: ServiceDep, version: str = MODEL_VERSION
 ) -> JSONResponse:
-    card = _card(service, name, version)
+    return JSONResponse(metadata(service, _card(service, name, version)))
+
+
+def metadata(service: InferenceService, card: ModelCard) -> dict[str, Any]:
+    """Return the model metadata answer (REST and gRPC)."""
     height, width = card.preprocessing.input_size
-    return JSONResponse(
-        {
-            "name": card.name,
-            "versions": [MODEL_VERSION],
-            "platform": PLATFORMS[service.backend_name],
-            "inputs": [
-                {"name": codec.BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": codec.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, height, width]},
-            ],
-            "outputs": [
-                {"name": "logits", "datatype": "FP32", "shape": [-1, card.num_classes]},
-                {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
-            ],
-        }
-    )
+    return {
+        "name": card.name,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORMS[service.backend_name],
+        "inputs": [
+            {"name": codec.BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": codec.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, height, width]},
+        ],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, card.num_classes]},
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
+        ],
+    }
 
 
 @router.get("/models/{name}/ready", summary="200 when this model is ready")
@@ -161,10 +163,15 @@ async def kserve_infer(
 
 
 async def _predict(
-    service: InferenceService, data: bytes, index: int, deadline: float, ticket: Ticket
+    service: InferenceService,
+    data: bytes,
+    index: int,
+    deadline: float,
+    ticket: Ticket,
+    endpoint: str = "kserve_infer",
 ) -> Outcome:
     try:
-        return await service.predict(data, "kserve_infer", deadline, ticket=ticket)
+        return await service.predict(data, endpoint, deadline, ticket=ticket)
     except ImageError as exc:  # say which element was bad; the status stays errors.py's
         error = to_api_error(exc)
         message = f"{codec.BYTES_INPUT}[{index}]: {error.message}"
