@@ -284,3 +284,30 @@ async def test_api_keys_in_metadata(micro_repository: Path) -> None:
         unauthorized = sample(app, "hiera_failures_total", reason="unauthorized")
     assert wrong.value.status() == "StatusCode.UNAUTHENTICATED"
     assert result.as_numpy("embedding").shape == (1, 128) and unauthorized == 2
+
+
+async def test_abandoned_calls_leave_the_real_queue_before_the_model(
+    micro_repository: Path,
+) -> None:
+    # Batches form only after 3 s (or 8 images): the images wait in the batcher's queue.
+    slow = {"max_batch_size": 8, "max_delay_ms": 3000.0, "batch_wait_when_idle": True}
+    async with grpc_app(micro_repository, **slow) as (app, target):
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelInfer(_image_request(make_image(1), make_image(2)))
+            late = stub.ModelInfer(_image_request(make_image(3)), timeout=1.0)
+            await wait_until(lambda: sample(app, "hiera_queue_depth") == 3)
+            call.cancel()
+            assert (await _fail(late)).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The deadline drops the late one in the queue (or gRPC's cancel does, if first).
+            await wait_until(
+                lambda: (
+                    sample(app, "hiera_dropped_total", reason="cancelled")
+                    + sample(app, "hiera_dropped_total", reason="deadline")
+                    == 3
+                )
+            )
+        # Nothing is left to batch, and nothing was: not one image reached the model.
+        assert sample(app, "hiera_queue_depth") == 0
+        assert sample(app, "hiera_batch_size_count") == 0
+        assert sample(app, "hiera_admitted_images") == 0
