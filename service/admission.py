@@ -12,6 +12,7 @@ requests that can still be answered in time. An idle service admits anything.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -73,6 +74,7 @@ class Admission:
         # The request deadline, and the model time n images need (None while unmeasured).
         self._max_wait_s = max_wait_s
         self._backlog_seconds = backlog_seconds
+        self._room_waiters: list[asyncio.Future[None]] = []
 
     def admit(self, count: int = 1) -> Ticket:
         """Admit `count` images at once, or raise QueueFull (with a retry hint) for all of them."""
@@ -119,12 +121,22 @@ class Admission:
         span = max(self._clock(), times[-1]) - times[0]
         return (len(times) - 1) / span if span > 0 else None
 
+    def freed(self) -> asyncio.Future[None]:
+        """Return a future that resolves at the next release, when room may have freed."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        return waiter
+
     def _release(self, count: int, completed: bool) -> None:
         self.outstanding -= count
         if completed:
             now = self._clock()
             self._completions.extend([now] * count)
         self._changed()
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _changed(self) -> None:
         if self._on_change is not None:
