@@ -13,7 +13,14 @@ import pytest
 
 from model.hiera import BuiltModel
 from service.app import create_app
-from tests.service.helpers import make_image, repository_settings, running, sample, wait_until
+from tests.service.helpers import (
+    live_server,
+    make_image,
+    repository_settings,
+    running,
+    sample,
+    wait_until,
+)
 from tests.service.reference import reference, unit
 
 # Small images: decoding costs little, so the batcher and admission are what is tested.
@@ -113,3 +120,48 @@ async def test_the_input_limit_is_openais(micro_repository: Path, count: int) ->
             "/v1/embeddings", json={"model": "m", "input": [_uri(IMAGES[0])] * count}
         )
     assert answer.status_code == 200 and len(answer.json()["data"]) == count
+
+
+@pytest.mark.slow
+def test_langchain_and_llamaindex_default_batch_sizes_against_a_real_server(
+    micro_repository: Path, micro_model: BuiltModel, tmp_path: Path
+) -> None:
+    import httpx
+    from langchain_openai import OpenAIEmbeddings
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    def received(url: str) -> float:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next(
+            (x for x in text.splitlines()
+             if x.startswith('hiera_requests_received_total{endpoint="openai_embeddings"}')),
+            "_ 0",
+        )  # fmt: skip
+        return float(line.split()[-1])
+
+    wants = [unit(reference(micro_model, d)[1]) for d in IMAGES]
+    with live_server(micro_repository, tmp_path / "server.log") as url:
+        # LangChain sends chunk_size (1000) inputs per request: 1001 documents, 2 requests.
+        langchain = OpenAIEmbeddings(
+            model="hiera_micro", base_url=f"{url}/v1", api_key="unused",  # type: ignore[arg-type]
+            check_embedding_ctx_length=False, max_retries=0,
+        )  # fmt: skip
+        assert langchain.chunk_size == 1000
+        documents = [_uri(IMAGES[i % len(IMAGES)]) for i in range(1001)]
+        before = received(url)
+        vectors = langchain.embed_documents(documents)
+        assert received(url) - before == 2
+        assert len(vectors) == 1001
+        for i in (0, 1, 999, 1000):
+            np.testing.assert_allclose(vectors[i], wants[i % len(IMAGES)], rtol=0, atol=1e-5)
+        # LlamaIndex sends embed_batch_size (100) per request: 250 texts, 3 requests.
+        llama = OpenAIEmbedding(
+            model_name="hiera_micro", api_base=f"{url}/v1", api_key="unused", max_retries=0
+        )
+        assert llama.embed_batch_size == 100
+        before = received(url)
+        got = llama.get_text_embedding_batch(documents[:250])
+        assert received(url) - before == 3
+        assert len(got) == 250
+        for i in (0, 99, 100, 249):
+            np.testing.assert_allclose(got[i], wants[i % len(IMAGES)], rtol=0, atol=1e-5)
