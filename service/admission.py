@@ -12,6 +12,7 @@ requests that can still be answered in time. An idle service admits anything.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from service.batching import QueueFull
 _RATE_SAMPLES = 256
 _MIN_RETRY_S = 1
 _MAX_RETRY_S = 60
+_SHARED_POLL_S = 0.01  # how often a request waiting for shared room looks again
 
 
 class Ledger(Protocol):
@@ -126,6 +128,7 @@ class Admission:
         # The request deadline, and the model time n images need (None while unmeasured).
         self._max_wait_s = max_wait_s
         self._backlog_seconds = backlog_seconds
+        self._room_waiters: list[asyncio.Future[None]] = []
 
     def admit(self, count: int = 1) -> Ticket:
         """Admit `count` images at once, or raise QueueFull (with a retry hint) for all of them."""
@@ -183,13 +186,35 @@ class Admission:
         span = max(self._clock(), times[-1]) - times[0]
         return (len(times) - 1) / span if span > 0 else None
 
+    def freed(self) -> asyncio.Future[None]:
+        """Return a future that resolves at the next release, when room may have freed.
+
+        With a shared ledger other front ends' releases are not heard here: it also resolves
+        after a short poll interval, so a waiting request sees their room too.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._room_waiters.append(waiter)
+        if not isinstance(self._ledger, LocalLedger):
+            loop.call_later(_SHARED_POLL_S, _resolve, waiter)
+        return waiter
+
     def _release(self, count: int, completed: bool) -> None:
         self._ledger.give(count)
         if completed and self._drain_rate is None:
             now = self._clock()
             self._completions.extend([now] * count)
         self._changed()
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self._ledger.mine)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, RequestIds
 from service.refusal_gate import RefusalGate
 from service.responses import JSONResponse
-from service.routes import health, kserve_v2, native, openai
+from service.routes import health, kserve_v2, native, openai, triton
 from service.routes.direct import DirectLane
 from service.settings import Settings
 
@@ -54,6 +54,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(service, on_fatal), name="hiera-load")
+        grpc = None
+        if settings.grpc_port is not None:
+            from service.grpc_server import start_grpc  # grpcio only when asked for
+
+            grpc = await start_grpc(app)
         listener = None
         if settings.metrics_port is not None and metrics_listener:
             listener = start_http_server(
@@ -62,6 +67,8 @@ def create_app(
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop(settings.drain_timeout_s)
             if listener is not None:
                 listener[0].shutdown()
                 listener[0].server_close()
@@ -89,6 +96,7 @@ def create_app(
     ids = RequestIds()
     keys = load_keys((k.get_secret_value() for k in settings.api_keys), settings.api_keys_file)
     ring = KeyRing(keys) if keys else None
+    app.state.keys = ring
     # Added innermost first: request ids and metrics wrap CORS, which wraps the key check (so
     # a preflight and a 401 both carry CORS headers, and a 401 carries a request id).
     if ring is not None:
@@ -126,6 +134,7 @@ def create_app(
     install_handlers(app)
     app.include_router(native.router)
     app.include_router(health.router)
+    app.include_router(triton.router)  # first: /v2/models/stats before /v2/models/{name}
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
     if settings.metrics_port is None:

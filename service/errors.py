@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
 
 from service.batching import (
     BatcherClosed,
@@ -122,22 +123,56 @@ def log_answer(error: ApiError, exc: BaseException) -> None:
         log.error("request failed: %s", error.code, exc_info=exc)
 
 
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Yield the routes under `routes`, those of included routers too (FastAPI >= 0.16x keeps
+    an included router whole, as one route, instead of copying its routes in)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is None:
+            yield route
+        else:
+            yield from _leaf_routes(included.routes)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every exception through `error_response` so all errors share one JSON shape."""
 
-    def respond(request: Request, exc: BaseException) -> JSONResponse:
+    def respond(
+        request: Request, exc: BaseException, body: ErrorBody | None = None
+    ) -> JSONResponse:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.failed(to_api_error(exc).code)
-        return error_response(exc)
+        return error_response(exc, body)
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return respond(request, exc)
 
     async def handle_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 405:
+            return _method_not_allowed(request)
+        code = {404: "not_found"}.get(exc.status_code, "http_error")
         return respond(request, ApiError(exc.status_code, code, str(exc.detail)))
+
+    def _method_not_allowed(request: Request) -> JSONResponse:
+        """Answer 405 in the shape of the protocol that owns the path, with `Allow` listing
+        the methods of every route on it (Starlette's own names only the first route's)."""
+        methods: set[str] = set()
+        shape: ErrorBody | None = None
+        for route in _leaf_routes(request.app.router.routes):
+            match, _ = route.matches(request.scope)
+            allowed = getattr(route, "methods", None)
+            if match is not Match.NONE and allowed:
+                methods |= allowed
+                shape = shape or getattr(route, "error_body", None)
+        allow = ", ".join(sorted(methods))
+        error = ApiError(
+            405, "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}; use {allow}",
+            {"Allow": allow},
+        )  # fmt: skip
+        return respond(request, error, shape)
 
     async def handle_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

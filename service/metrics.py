@@ -84,6 +84,12 @@ class Metrics:
             ["endpoint", "outcome"],
             registry=r,
         )
+        self.outcome_seconds = Counter(
+            "hiera_request_outcome_seconds",
+            "Time from received to answered, summed per outcome (Triton's success/fail ns).",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "hiera_request_duration_seconds",
             "Time from request received to response ready.",
@@ -168,7 +174,7 @@ class Metrics:
         self._stage_children: dict[tuple[str, str], Histogram] = {}
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._received_children: dict[str, Counter] = {}
-        self._outcome_children: dict[tuple[str, int], Counter] = {}
+        self._outcome_children: dict[tuple[str, int], tuple[Counter, Counter]] = {}
         self._failure_children: dict[str, Counter] = {}
         # Every worker serves the same model, so the answering worker's own info is the
         # service's (an Info metric has no multiprocess form).
@@ -223,10 +229,13 @@ class Metrics:
             # Created on first use: a probe or a scrape never shows up as an outcome series.
             outcome = self._outcome_children.get((endpoint, status))
             if outcome is None:
-                outcome = self._outcome_children[(endpoint, status)] = self.outcomes.labels(
-                    endpoint, outcome_of(status)
+                labels = (endpoint, outcome_of(status))
+                outcome = self._outcome_children[(endpoint, status)] = (
+                    self.outcomes.labels(*labels),
+                    self.outcome_seconds.labels(*labels),
                 )
-            outcome.inc()
+            outcome[0].inc()
+            outcome[1].inc(seconds)
 
     def ready_workers(self) -> int:
         """Return how many live workers are ready (multiprocess mode: read every worker's file)."""

@@ -159,11 +159,25 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="largest decoded image, width x height"
     )
     max_images_per_request: int = Field(64, ge=1, description="images in one batch request")
+    max_embedding_inputs: int = Field(
+        2048,
+        ge=1,
+        le=2048,
+        description="inputs in one /v1/embeddings request (OpenAI's own limit is 2048); a "
+        "large request is fed to the model in slices as capacity frees",
+    )
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
     # Process.
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="also serve the Open Inference Protocol over gRPC (KServe v2 / Triton's "
+        "GRPCInferenceService) on this port, same host; off unless set",
+    )
     workers: int = Field(
         1,
         ge=1,

@@ -28,6 +28,52 @@ HEADER_LENGTH = "inference-header-content-length"
 _LENGTH = struct.Struct("<I")
 
 
+_PARAMETERS = {"type": "object", "additionalProperties": True}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string", "enum": [BYTES_INPUT, PIXELS_INPUT]},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+        "data": {"type": "array", "description": "base64 strings (BYTES) or numbers (FP32)"},
+        "parameters": _PARAMETERS,
+    },
+}
+# The JSON form, for /docs and schema-driven clients; the binary form (a JSON header
+# followed by raw tensors) is the same object with binary_data_size parameters.
+REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": _PARAMETERS,
+                        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                        "outputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": list(OUTPUTS)},
+                                    "parameters": _PARAMETERS,
+                                },
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "invalid_inference_request", message)
 
@@ -84,7 +130,11 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Split the body, validate the one input tensor and the requested outputs."""
+    """Split the body, validate the one input tensor and the requested outputs.
+
+    Every field of the wrong JSON kind is a 400 that names it (`inputs[0].shape`), never a
+    500: the header is whatever a client sent.
+    """
     header, blob = _split(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -93,30 +143,47 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             f"or '{PIXELS_INPUT}' (FP32 [B, 3, H, W] preprocessed pixels)"
         )
     spec = inputs[0]
-    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad_request(f"input '{name}' needs 'shape', a list of non-negative integers")
+    name = _text(spec, "name", "inputs[0]")
+    datatype = _text(spec, "datatype", "inputs[0]")
+    shape = spec.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_RANK
+        or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape)
+    ):
+        raise bad_request(
+            f"inputs[0].shape of input '{name}' must be a list of at most {_MAX_RANK} "
+            f"non-negative integers, got {_show(shape)}"
+        )
     count = math.prod(shape)
     raw = _binary_part(spec, blob)
     images: list[bytes] | None = None
     pixels: np.ndarray | None = None
     if name == BYTES_INPUT and datatype == "BYTES":
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise bad_request(f"'{BYTES_INPUT}' has shape [B] or [B, 1], got {shape}")
-        images = _bytes_elements(raw, count) if raw is not None else _json_bytes(spec, count)
+            raise bad_request(f"inputs[0].shape of '{BYTES_INPUT}' is [B] or [B, 1], got {shape}")
+        if count == 0:
+            raise bad_request(f"input '{name}' is empty (shape {shape})")
+        images = split_bytes(raw, count) if raw is not None else _json_bytes(spec, count)
     elif name == PIXELS_INPUT and datatype == "FP32":
+        if count == 0:
+            raise bad_request(f"input '{name}' is empty (shape {shape})")
         values = _fp32_values(raw, spec, count)
         pixels = values.reshape(shape)
+    elif name in _DATATYPES:
+        raise bad_request(
+            f"inputs[0].datatype of '{name}' must be {_DATATYPES[name]}, got {datatype!r}"
+        )
     else:
         raise bad_request(
-            f"unknown input '{name}' ({datatype}); this model takes '{BYTES_INPUT}' (BYTES) "
-            f"or '{PIXELS_INPUT}' (FP32)"
+            f"unknown input '{name}' ({datatype}) at inputs[0].name; this model takes "
+            f"'{BYTES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (FP32)"
         )
-    if count == 0:
-        raise bad_request(f"input '{name}' is empty (shape {shape})")
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad_request(f"'id' must be a string, got {_show(request_id)}")
     return InferRequest(
-        id=str(request_id) if request_id is not None else None,
+        id=request_id,
         input_name=name,
         images=images,
         pixels=pixels,
@@ -124,11 +191,60 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     )
 
 
+_DATATYPES = {BYTES_INPUT: "BYTES", PIXELS_INPUT: "FP32"}
+# Bounds that keep shape arithmetic in machine integers; a real tensor is far inside them
+# (the body limit bounds the element count long before).
+_MAX_RANK = 8
+_MAX_DIM = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          int: "an integer", float: "a number", type(None): "null"}  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    """Name a JSON value's kind for an error message, with a short preview."""
+    kind = _KINDS.get(type(value), type(value).__name__)
+    preview = repr(value)
+    return f"{kind} ({preview[:40]}{'...' if len(preview) > 40 else ''})"
+
+
+def _text(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise bad_request(f"{where}.{key} must be a string, got {_show(value)}")
+    return value
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return `obj`'s optional `parameters` object ({} when absent)."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_request(f"{where}parameters must be an object, got {_show(params)}")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise bad_request(f"{where}parameters.{key} must be a boolean, got {_show(value)}")
+    return value
+
+
 def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         head, blob = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # isdigit() alone accepts digits int() refuses ("²"): ASCII only.
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(
+            body
+        ):
             raise bad_request(
                 f"Inference-Header-Content-Length {header_length!r} is not a length within "
                 f"the {len(body)}-byte body"
@@ -141,7 +257,10 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         raise bad_request(f"the inference header is not valid JSON: {exc}{hint}") from None
     if not isinstance(header, dict):
         raise bad_request("the inference header must be a JSON object")
-    declared = sum(_binary_size(spec) or 0 for spec in header.get("inputs") or [])
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise bad_request(f"'inputs' must be a list of tensors, got {_show(inputs)}")
+    declared = sum(_binary_size(spec, f"inputs[{i}].") or 0 for i, spec in enumerate(inputs))
     if declared != len(blob):
         raise bad_request(
             f"binary tensors declare {declared} bytes (binary_data_size) but {len(blob)} "
@@ -150,26 +269,33 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
     return header, blob
 
 
-def _binary_size(spec: Any) -> int | None:
-    params = spec.get("parameters") if isinstance(spec, dict) else None
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
-    if size is not None and (not isinstance(size, int) or size < 0):
-        raise bad_request(f"binary_data_size must be a non-negative integer, got {size!r}")
+def _binary_size(spec: Any, where: str) -> int | None:
+    if not isinstance(spec, dict):
+        raise bad_request(f"{where.rstrip('.')} must be a tensor object, got {_show(spec)}")
+    size = _parameters(spec, where).get("binary_data_size")
+    if size is not None and (not _is_int(size) or size < 0):
+        raise bad_request(
+            f"{where}parameters.binary_data_size must be a non-negative integer, got {_show(size)}"
+        )
     return size
 
 
 def _binary_part(spec: dict[str, Any], blob: bytes) -> bytes | None:
-    size = _binary_size(spec)
+    size = _binary_size(spec, "inputs[0].")
     if size is None:
         if "data" not in spec:
             raise bad_request(f"input '{spec.get('name')}' has neither 'data' nor binary data")
+        if not isinstance(spec["data"], list):
+            raise bad_request(f"inputs[0].data must be a list, got {_show(spec['data'])}")
         return None
     if "data" in spec:
         raise bad_request(f"input '{spec.get('name')}' has both 'data' and binary_data_size")
     return blob[:size]  # the only input, so its bytes are the whole blob (checked in _split)
 
 
-def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+def split_bytes(raw: bytes, count: int) -> list[bytes]:
+    """Split a binary BYTES tensor (uint32 little-endian length, then the bytes, per element)
+    into its `count` elements."""
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
@@ -188,9 +314,11 @@ def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
 
 def _json_bytes(spec: dict[str, Any], count: int) -> list[bytes]:
     # JSON strings cannot carry raw JPEG bytes (not UTF-8), so each element is base64.
-    data = np.asarray(spec["data"], dtype=object).reshape(-1).tolist()
+    data = _flat(spec["data"])
     if len(data) != count:
-        raise bad_request(f"'data' holds {len(data)} elements but the shape says {count}")
+        raise bad_request(
+            f"inputs[0].data holds {len(data)} elements but inputs[0].shape says {count}"
+        )
     images = []
     for index, item in enumerate(data):
         try:
@@ -199,8 +327,8 @@ def _json_bytes(spec: dict[str, Any], count: int) -> list[bytes]:
             images.append(base64.b64decode(item, validate=True))
         except (ValueError, binascii.Error):
             raise bad_request(
-                f"'{BYTES_INPUT}' element {index} in JSON must be a base64 string of the "
-                "encoded image (or send it as binary data)"
+                f"inputs[0].data[{index}] of '{BYTES_INPUT}' in JSON must be a base64 string "
+                f"of the encoded image (or send it as binary data), got {_show(item)}"
             ) from None
     return images
 
@@ -213,36 +341,65 @@ def _fp32_values(raw: bytes | None, spec: dict[str, Any], count: int) -> np.ndar
             )
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
     try:
-        values = np.asarray(spec["data"], dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise bad_request("FP32 'data' must be numbers (a flat or nested list)") from None
+        # No dtype: a null, boolean or string among the numbers shows as a non-numeric
+        # array kind rather than being coerced to nan, 1.0 or a parse error.
+        parsed = np.asarray(spec["data"])
+    except (ValueError, TypeError):  # ragged nesting
+        parsed = np.asarray(None)
+    if parsed.dtype.kind not in "iuf":
+        raise bad_request("inputs[0].data of FP32 must be numbers (a flat or nested list)")
+    values = parsed.astype(np.float32).reshape(-1)
     if values.size != count:
-        raise bad_request(f"'data' holds {values.size} numbers but the shape says {count}")
+        raise bad_request(
+            f"inputs[0].data holds {values.size} numbers but inputs[0].shape says {count}"
+        )
     return values
 
 
+def _flat(data: Any) -> list[Any]:
+    """Return the elements of a flat or nested JSON list, in order (a scalar is one)."""
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
 def _requested_outputs(header: dict[str, Any]) -> list[RequestedOutput]:
-    params = header.get("parameters") or {}
-    binary_default = (
-        bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
-    )
+    binary_default = _flag(_parameters(header, ""), "binary_data_output", False, "")
     specs = header.get("outputs")
     if specs is None:
         return [RequestedOutput(name, binary_default, 0) for name in OUTPUTS]
     if not isinstance(specs, list) or not specs:
         raise bad_request(f"'outputs' must be a non-empty list of {', '.join(OUTPUTS)}")
     outputs = []
-    for spec in specs:
-        name = spec.get("name") if isinstance(spec, dict) else None
+    for index, spec in enumerate(specs):
+        where = f"outputs[{index}]"
+        if not isinstance(spec, dict):
+            raise bad_request(f"{where} must be an object, got {_show(spec)}")
+        name = spec.get("name")
         if name not in OUTPUTS:
-            raise bad_request(f"unknown output {name!r}; this model has {', '.join(OUTPUTS)}")
-        options = spec.get("parameters") or {}
+            raise bad_request(
+                f"unknown output {name!r} at {where}.name; this model has {', '.join(OUTPUTS)}"
+            )
+        options = _parameters(spec, f"{where}.")
         k = options.get("classification", 0)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise bad_request(f"classification must be a non-negative integer, got {k!r}")
+        if not _is_int(k) or k < 0:
+            raise bad_request(
+                f"{where}.parameters.classification must be a non-negative integer, got {_show(k)}"
+            )
         if k and name != "logits":
             raise bad_request("classification is only meaningful on the 'logits' output")
-        outputs.append(RequestedOutput(name, bool(options.get("binary_data", binary_default)), k))
+        binary = _flag(options, "binary_data", binary_default, f"{where}.")
+        outputs.append(RequestedOutput(name, binary, k))
     return outputs
 
 

@@ -26,7 +26,7 @@ from service.schemas import protocol_error_responses
 SERVER_NAME = "hiera-serve"
 SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 # Triton's platform names, so tooling that switches on them recognises the artifact kind.
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch"}
 
@@ -75,23 +75,25 @@ async def server_ready(service: ServiceDep) -> JSONResponse:
 async def model_metadata(
     name: str, service: ServiceDep, version: str = MODEL_VERSION
 ) -> JSONResponse:
-    card = _card(service, name, version)
+    return JSONResponse(metadata(service, _card(service, name, version)))
+
+
+def metadata(service: InferenceService, card: ModelCard) -> dict[str, Any]:
+    """Return the model metadata answer (REST and gRPC)."""
     height, width = card.preprocessing.input_size
-    return JSONResponse(
-        {
-            "name": card.name,
-            "versions": [MODEL_VERSION],
-            "platform": PLATFORMS[service.backend_name],
-            "inputs": [
-                {"name": codec.BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": codec.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, height, width]},
-            ],
-            "outputs": [
-                {"name": "logits", "datatype": "FP32", "shape": [-1, card.num_classes]},
-                {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
-            ],
-        }
-    )
+    return {
+        "name": card.name,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORMS[service.backend_name],
+        "inputs": [
+            {"name": codec.BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": codec.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, height, width]},
+        ],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, card.num_classes]},
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
+        ],
+    }
 
 
 @router.get("/models/{name}/ready", summary="200 when this model is ready")
@@ -101,8 +103,16 @@ async def model_ready(name: str, service: ServiceDep, version: str = MODEL_VERSI
     return _readiness({"name": card.name, "ready": service.ready}, service)
 
 
-@router.post("/models/{name}/infer", summary="Run inference on encoded images or pixels")
-@router.post("/models/{name}/versions/{version}/infer", summary="Run inference on one version")
+@router.post(
+    "/models/{name}/infer",
+    summary="Run inference on encoded images or pixels",
+    openapi_extra=codec.REQUEST_BODY,
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Run inference on one version",
+    openapi_extra=codec.REQUEST_BODY,
+)
 @inference
 async def kserve_infer(
     name: str, request: Request, service: ServiceDep, version: str = MODEL_VERSION
@@ -168,9 +178,10 @@ async def _predict(
     deadline: float,
     ticket: Ticket,
     want: Want,
+    endpoint: str = "kserve_infer",
 ) -> Outcome:
     try:
-        return await service.predict(data, "kserve_infer", deadline, ticket=ticket, want=want)
+        return await service.predict(data, endpoint, deadline, ticket=ticket, want=want)
     except ImageError as exc:  # say which element was bad; the status stays errors.py's
         error = to_api_error(exc)
         message = f"{codec.BYTES_INPUT}[{index}]: {error.message}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 import orjson
@@ -19,7 +20,8 @@ from service.inference import InferenceService, Outcome
 from service.postprocess import encode_base64, normalize
 from service.responses import JSONResponse
 from service.routes.accounting import inference
-from service.routes.protocol import all_or_nothing, protocol_route
+from service.routes.protocol import protocol_route
+from service.routes.slices import predict_in_slices, window_of
 from service.schemas import protocol_error_responses
 
 ENDPOINT = "openai_embeddings"
@@ -131,17 +133,17 @@ async def openai_embeddings(request: Request, service: ServiceDep) -> JSONRespon
             f"dimensions must be null or {card.embed_dim}: Hiera embeddings are not trained "
             "to be truncated (not Matryoshka), so a shorter vector would be meaningless",
         )
-    images = parse_inputs(body.get("input"), service.settings.max_images_per_request)
-    ticket = service.admit(len(images))  # admitted or refused (429) whole, before any decode
-    try:
-        outcomes = await until_disconnect(
-            request.receive,
-            all_or_nothing(
-                [_predict(service, data, i, deadline, ticket) for i, data in enumerate(images)]
-            ),
-        )
-    finally:
-        ticket.release_all()
+    images = parse_inputs(body.get("input"), service.settings.max_embedding_inputs)
+
+    def predict(index: int, deadline: float, ticket: Ticket) -> Coroutine[Any, Any, Outcome]:
+        return _predict(service, images[index], index, deadline, ticket)
+
+    # Up to a window of images admitted or refused (429) whole, before any decode; a larger
+    # request is fed in slices as its images are answered (service.routes.slices).
+    outcomes = await until_disconnect(
+        request.receive,
+        predict_in_slices(service, len(images), predict, window_of(service), deadline),
+    )
     started = time.perf_counter()
     data = []
     for index, outcome in enumerate(outcomes):

@@ -88,6 +88,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             for host in ("127.0.0.1", "localhost"):
                 addresses[f"{host}:{flags[at]}"] = f"127.0.0.1:{metrics_port}"
             flags[at] = str(metrics_port)
+        if "--grpc-port" in flags:
+            at = flags.index("--grpc-port") + 1
+            grpc_port = free_port()
+            for host in ("127.0.0.1", "localhost"):
+                addresses[f"{host}:{flags[at]}"] = f"127.0.0.1:{grpc_port}"
+            flags[at] = str(grpc_port)
         if "--weights" in flags:
             flags += ["--export-dir", str(folder / "repository")]
         log = folder / f"server-{len(running)}.log"

@@ -195,3 +195,35 @@ async def test_capacity_follows_the_batch_cap_the_batcher_really_uses(
     # would only have had the batcher refuse it after decoding.
     assert app.state.service.admission.capacity == 3
     assert refused.status_code == 429 and [a.status_code for a in answers] == [200] * 3
+
+
+class _SharedLedger:
+    """A ledger other processes also count in (as service.engine.shm.Board is)."""
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.mine = 0
+
+    def take(self, count: int, capacity: int) -> bool:
+        if self.outstanding + count > capacity:
+            return False
+        self.outstanding += count
+        self.mine += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.outstanding -= count
+        self.mine -= count
+
+
+async def test_room_freed_by_another_front_end_is_seen_without_a_release_here() -> None:
+    ledger = _SharedLedger()
+    admission = Admission(2, ledger=ledger, drain_rate=lambda: None)
+    ledger.outstanding = 2  # another front end holds all the room
+    waiting = admission.freed()
+    ledger.outstanding = 0  # ...and gives it back: no release happens in this process
+    await asyncio.wait_for(waiting, 1.0)
+    assert admission.admit(2).left == 2
+    local = Admission(2)
+    with pytest.raises(TimeoutError):  # a local ledger hears every release: no polling
+        await asyncio.wait_for(local.freed(), 0.1)

@@ -124,7 +124,12 @@ def _metrics(app: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         if not family.name.startswith("hiera_") or family.type not in ("counter", "histogram"):
             continue
         for s in family.samples:
-            if s.name.endswith(("_total", "_count")) and "stage" not in s.labels:
+            # Counts only: a `_seconds_total` counter sums times, which differ run to run.
+            if (
+                s.name.endswith(("_total", "_count"))
+                and not s.name.endswith("_seconds_total")
+                and "stage" not in s.labels
+            ):
                 values[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return values
 

@@ -24,7 +24,7 @@ from tests.service.reference import reference, unit
 @pytest.fixture(scope="module")
 def server(micro_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("openai") / "server.log"
-    with live_server(micro_repository, log, "--max-images-per-request", "4") as url:
+    with live_server(micro_repository, log, "--max-embedding-inputs", "4") as url:
         yield url
 
 

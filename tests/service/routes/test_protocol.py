@@ -68,3 +68,44 @@ async def test_all_or_nothing_cancels_the_rest_on_first_failure() -> None:
         await all_or_nothing([slow("a"), bad(), slow("b")])
     assert sorted(cancelled) == ["a", "b"]
     assert await all_or_nothing([asyncio.sleep(0, "x"), asyncio.sleep(0, "y")]) == ["x", "y"]
+
+
+def _shape_of(path: str) -> str:
+    if path.startswith("/v2"):
+        return "kserve"
+    return "openai" if path == "/v1/embeddings" else "native"
+
+
+async def test_every_wrong_method_is_405_in_the_routes_shape_with_allow(
+    micro_repository: Path,
+) -> None:
+    app = create_app(repository_settings(micro_repository))
+    async with running(app) as client:
+        # The methods each path serves, from the published schema rather than the router.
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        checked = set()
+        for template, operations in paths.items():
+            path = template.replace("{name}", "hiera_micro").replace("{version}", "1")
+            served = {m.upper() for m in operations}
+            # FastAPI routes answer HEAD only where declared: HEAD is checked like the rest.
+            for method in sorted({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"} - served):
+                answer = await client.request(method, path)
+                assert answer.status_code == 405, (method, path)
+                assert set(answer.headers["allow"].split(", ")) == served, (method, path)
+                if method == "HEAD":
+                    continue  # no body
+                error = answer.json()["error"]
+                shape = _shape_of(template)
+                if shape == "kserve":
+                    assert isinstance(error, str) and method in error, (method, path)
+                elif shape == "openai":
+                    assert set(error) == {"message", "type", "param", "code"}
+                    assert error["type"] == "invalid_request_error"
+                    assert error["code"] == "method_not_allowed" and error["param"] is None
+                else:
+                    assert error["code"] == "method_not_allowed", (method, path)
+                    assert answer.headers["x-request-id"] == error["request_id"]
+                checked.add(shape)
+        failures = sample(app, "hiera_failures_total", reason="method_not_allowed")
+    assert checked == {"kserve", "openai", "native"}
+    assert failures > 0
