@@ -6,8 +6,10 @@
 2. SDPA probe: whether Hiera's 5-D mask-unit attention can use the fused kernels, and what a
    4-D layout would gain.
 3. Throughput: Hiera-B fp16 model-only at batch 64 and 128, and end to end (a real
-   `hiera-serve` with two workers on the GPU, single-image 500x375 JPEG requests from several
-   client processes), checking that one scrape of /metrics counts every worker's answers.
+   `hiera-serve` on the GPU, single-image 500x375 JPEG requests from several client processes):
+   the front ends / engines layout with 1, 4, 8 and 12 front ends (CPU decode), then the inline
+   layout with device decode; img/s, p50/p99, the cores each role kept busy, the engine's mean
+   batch, the ratio to model-only; checking that one scrape of /metrics counts every answer.
 
 Writes JSON and prints a table. Without a CUDA device it says so and exits 77 (the code
 automake and ctest use for "skipped"), never 0.
@@ -36,6 +38,7 @@ import numpy as np
 from bench.load import percentiles, scrape, stage_delta
 from bench.photos import jpeg_set, resized_jpeg
 from bench.run import _wait_ready
+from bench.split import cpu_seconds, process_roles
 from service.imaging import Preprocessing, cpu
 from service.runtime.feed import Feeder
 from service.runtime.loader import plan
@@ -93,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     p.add_argument("--concurrency", type=int, default=256, help="end-to-end HTTP clients")
     p.add_argument("--client-processes", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2, help="hiera-serve worker processes")
+    p.add_argument("--workers", type=int, default=2, help="workers of the inline layout's runs")
+    p.add_argument(
+        "--e2e-front-ends",
+        default="1,4,8,12",
+        help="--engine process runs (one engine, CPU decode): front ends of each, comma-separated",
+    )
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-agreement", action="store_true")
     p.add_argument("--skip-model-only", action="store_true", help="and the attention A/B")
@@ -133,12 +141,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_figures(report, repo, args, trt_cache)
     if not args.skip_e2e:
         report["end_to_end"] = []
+        layouts = [("process", "cpu", int(n)) for n in args.e2e_front_ends.split(",") if n]
+        layouts += [("inline", d, args.workers) for d in args.e2e_decode_devices.split(",") if d]
+        best = max(
+            (v for r in report.get("model_only", []) for k, v in r.items()
+             if k.endswith("_img_per_s") and isinstance(v, int | float)),
+            default=None,
+        )  # fmt: skip
         for backend in args.e2e_backends.split(","):
-            for decode in args.e2e_decode_devices.split(","):
+            for engine, decode, workers in layouts:
                 try:
-                    run = end_to_end(repo, args, trt_cache, backend, decode)
+                    run = end_to_end(
+                        repo, args, trt_cache, backend, decode, engine=engine, workers=workers
+                    )
+                    if best:
+                        run["over_model_only"] = round(run["images_per_s"] / best, 3)
                 except Exception as exc:  # report it: the other runs may still work
-                    run = {"backend": f"{backend} fp16", "decode": decode, "error": _error(exc)}
+                    run = {"backend": f"{backend} fp16", "decode": decode, "engine": engine,
+                           "workers": workers, "error": _error(exc)}  # fmt: skip
                     run["metrics_count_ok"] = False
                 report["end_to_end"].append(run)
                 print(f"\nend to end: {json.dumps(run)}")
@@ -298,9 +318,17 @@ def model_only(
 
 
 def end_to_end(
-    repo: Path, args: argparse.Namespace, trt_cache: Path, backend: str, decode: str = "cuda"
+    repo: Path,
+    args: argparse.Namespace,
+    trt_cache: Path,
+    backend: str,
+    decode: str = "cuda",
+    *,
+    engine: str = "inline",
+    workers: int = 2,
 ) -> dict[str, Any]:
-    """A real hiera-serve on the GPU, driven by closed-loop clients in several processes."""
+    """A real hiera-serve on the GPU, driven by closed-loop clients in several processes;
+    with `engine` process, one engine process and `workers` front ends."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -309,10 +337,9 @@ def end_to_end(
         "--backend", backend, "--precision", "fp16", "--device", "cuda",
         "--decode-device", decode, "--max-batch-size", "128", "--max-delay-ms", "2",
         "--max-queue-size", "8192", "--trt-cache-dir", str(trt_cache),
-        "--port", str(port), "--log-level", "warning",
+        "--port", str(port), "--log-level", "warning", "--engine", engine,
+        "--workers", str(workers),
     ]  # fmt: skip
-    if args.workers > 1:
-        command += ["--workers", str(args.workers)]
     server = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     image = resized_jpeg(500, 375)
@@ -322,6 +349,8 @@ def end_to_end(
         ready_s = time.perf_counter() - launched
         before = asyncio.run(_scrape(url))
         per_process = max(1, args.concurrency // args.client_processes)
+        roles = process_roles(server.pid)
+        cpu_before = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
         started = time.perf_counter()
         with ProcessPoolExecutor(args.client_processes) as pool:
             parts = list(
@@ -334,6 +363,9 @@ def end_to_end(
                 )
             )
         elapsed = time.perf_counter() - started
+        cpu_used = {
+            role: sum(map(cpu_seconds, pids)) - cpu_before[role] for role, pids in roles.items()
+        }
         counted = _classified(url)
         stages = stage_delta(before, asyncio.run(_scrape(url)))
     finally:
@@ -350,10 +382,16 @@ def end_to_end(
         "ready_s": round(ready_s, 1),
         "image": "500x375 JPEG",
         "concurrency": per_process * args.client_processes,
-        "workers": args.workers,
+        "engine": engine,
+        "workers": workers,
         "requests": len(latencies),
         "ok": ok,
         "images_per_s": round(ok / elapsed, 1),
+        # Cores each role kept busy, and its CPU milliseconds per answered image.
+        "cores_by_role": {role: round(s / elapsed, 2) for role, s in cpu_used.items()},
+        "cpu_ms_per_image_by_role": {
+            role: round(1e3 * s / max(ok, 1), 3) for role, s in cpu_used.items()
+        },
         "latency_ms": percentiles(latencies),
         **stages,  # the servers' own stage means: where the time went
     }

@@ -47,6 +47,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def process_roles(root: int) -> dict[str, list[int]]:
+    """Return the pids of a hiera-serve process tree by role: supervisor, engine, worker."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    roles: dict[str, list[int]] = {"supervisor": [], "engine": [], "worker": []}
+    below = children.get(root, [])
+    if not below:
+        roles["worker"].append(root)  # one inline process serves by itself
+        return roles
+    roles["supervisor"].append(root)
+    for pid in below:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except FileNotFoundError:
+            continue
+        if b"service.engine.process" in command or b"noop_engine" in command:
+            roles["engine"].append(pid)
+        elif b"service.workers" in command:
+            roles["worker"].append(pid)
+    return roles
+
+
 def pss_mib(pid: int) -> float:
     """Return a process's proportional set size: shared pages split among their users."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -169,7 +198,8 @@ def _measured(tree: Tree, image: bytes, concurrency: int, seconds: float) -> dic
 def noop(image: bytes, *, latency_ms: float, seconds: float, repeats: int) -> dict[str, Any]:
     """The process layout with a sleeping model: 1 and 2 front ends, alternating."""
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    env = {"HIERA_BENCH_LATENCY_MS": str(latency_ms)}
+    # The engine's host work as on a GPU host (stack the crops; normalised on the device).
+    env = {"HIERA_BENCH_LATENCY_MS": str(latency_ms), "HIERA_BENCH_FEED": "copy"}
     for _ in range(repeats):
         for fronts in runs:
             args = [
@@ -216,7 +246,9 @@ def model(
         for layout in runs:
             args = ["--model-repository", str(repository), "--device", "cpu", "--engine", layout]
             with serve("service.cli", args) as tree:
-                runs[layout].append(_measured(tree, image, concurrency, seconds))
+                run = _measured(tree, image, concurrency, seconds)
+                alone = asyncio.run(saturate(tree.port, image, concurrency=1, seconds=seconds / 2))
+                runs[layout].append(run | {"one_client_p50_ms": alone["p50_ms"]})
     medians = {k: statistics.median(s["requests_per_s"] for s in v) for k, v in runs.items()}
     slices = [
         p["requests_per_s"] / i["requests_per_s"]
@@ -226,6 +258,9 @@ def model(
         "concurrency": concurrency,
         "runs": runs,
         "images_per_s": medians,
+        "one_client_p50_ms": {
+            k: statistics.median(s["one_client_p50_ms"] for s in v) for k, v in runs.items()
+        },
         "process_over_inline": statistics.median(slices),
         "ratio_per_round": slices,
     }
@@ -252,6 +287,7 @@ async def _drive_corridor(
     """Submit at `rate` through the corridor, through an engine in this process, and to a
     no-op; the differences in CPU are what the corridor costs each side."""
     from bench.frontend_server import sleep_plan
+    from bench.noop_engine import device_like_feed
     from service.engine import core
     from service.engine.client import ProcessEngine
     from service.engine.state import Want
@@ -266,6 +302,7 @@ async def _drive_corridor(
     height, width = remote.card.preprocessing.input_size
     crop = np.random.default_rng(0).integers(0, 256, (3, height, width), dtype=np.uint8)
     want = Want(top_k=5, embedding=True)
+    device_like_feed()  # as the engine process does (HIERA_BENCH_FEED=copy)
     core.plan = lambda _: sleep_plan(remote.card.variant, 0.0, 1024)  # type: ignore[assignment,union-attr]
     local = core.Engine(
         settings.model_copy(update={"engine": "inline", "max_batch_size": 64,
@@ -324,6 +361,7 @@ def corridor(*, rate: float, seconds: float) -> dict[str, Any]:
     metrics.mkdir()
     env = os.environ | {
         "PROMETHEUS_MULTIPROC_DIR": str(metrics), "HIERA_BENCH_LATENCY_MS": "0",
+        "HIERA_BENCH_FEED": "copy",
         "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
     from service.settings import Settings
@@ -362,10 +400,11 @@ def print_table(report: dict[str, Any]) -> None:
             f"(front ends {p['front_ends_req_per_s']:.0f}, engine {p['engine_req_per_s']:.0f})"
         )
     if part := report.get("model"):
-        m, ratio = part["images_per_s"], part["process_over_inline"]
+        m, ratio, one = part["images_per_s"], part["process_over_inline"], part["one_client_p50_ms"]
         lines.append(
             f"real model at saturation: inline {m['inline']:.1f} img/s, "
-            f"process {m['process']:.1f} img/s, process/inline {ratio:.3f}"
+            f"process {m['process']:.1f} img/s, process/inline {ratio:.3f}; one client p50 "
+            f"inline {one['inline']:.1f} ms, process {one['process']:.1f} ms"
         )
     for layout, mem in (report.get("memory") or {}).items():
         lines.append(

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.checkpoints import sha256_file
 from model.contract import ContractUnreadable, read_sealed
+from model.digests import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"

@@ -6,13 +6,14 @@ missing, unexpected or wrongly shaped key fails the load with all of them named.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from model.digests import sha256_file
 
 CheckpointFormat = Literal["timm", "official"]
 
@@ -33,15 +34,6 @@ class LoadedCheckpoint:
     format: CheckpointFormat
     sha256: str
     num_tensors: int
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, streamed so large checkpoints stay out of memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

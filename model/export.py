@@ -37,8 +37,8 @@ from model.artifacts import (
     write_labels,
     write_manifest,
 )
-from model.checkpoints import sha256_file
 from model.contract import seal_onnx, torchscript_extra_files
+from model.digests import sha256_file
 from model.hiera import BuiltModel, ServingHiera
 from model.labels import class_names
 from model.parity import TOLERANCE, Runner, eager_runner, measure, onnx_runner, torchscript_runner

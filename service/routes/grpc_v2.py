@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from service.auth import KeyRing
+from service.card import ModelCard
 from service.errors import ApiError, log_answer, to_api_error
 from service.front import Answering
 from service.grpc_stubs import grpc_service_pb2 as pb
@@ -29,7 +30,6 @@ from service.middleware import RequestIds
 from service.routes import kserve_codec as codec
 from service.routes import kserve_v2, triton
 from service.routes.protocol import all_or_nothing
-from service.runtime.loader import ModelCard
 
 log = logging.getLogger(__name__)
 

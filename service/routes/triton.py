@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from model.triton import model_config
+from service.card import ModelCard
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.responses import JSONResponse
 from service.routes import kserve_codec as codec
 from service.routes import kserve_v2
-from service.runtime.loader import ModelCard
 
 # The KServe router's route class and documented errors: the same {"error": "..."} shape.
 router = APIRouter(

@@ -105,3 +105,17 @@ def test_frames_and_the_handshake_round_trip() -> None:
     assert Board.attach(fds[0], 2).generation == 3
     left.close()
     right.close()
+
+
+def test_a_front_end_imports_neither_torch_nor_onnx_runtime() -> None:
+    # Everything a front end process imports, in a fresh interpreter.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.cli, service.app, service.workers, service.grpc_server, "
+        "service.engine.client; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'timm', 'onnx') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
