@@ -25,6 +25,26 @@ def device_like_feed() -> None:
     service.runtime.feed.normalize = lambda pixels, mean, std: pixels
 
 
+def echo_engine(classes: int, embed_dim: int) -> None:
+    """Answer every input at once with fixed outputs, without batcher or model: what is left
+    is the corridor's own cost (frames, one task per input, the outputs written to the slot)."""
+    import numpy as np
+
+    from service.batching import BatchResult
+    from service.engine.core import Engine
+    from service.postprocess import BatchOutputs
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, classes), dtype=np.float32)
+    embedding = rng.standard_normal((1, embed_dim), dtype=np.float32)
+    outputs = BatchOutputs(logits, embedding)
+
+    async def submit(self: Engine, item: object, deadline: object, want: object = None) -> object:
+        return BatchResult(logits[0], embedding[0], 1, 0.0, 0.0, outputs, 0)
+
+    Engine.submit = submit  # type: ignore[assignment,method-assign]
+
+
 def main() -> int:
     import service.engine.core
     from bench.frontend_server import sleep_plan
@@ -32,6 +52,11 @@ def main() -> int:
 
     if os.environ.get("HIERA_BENCH_FEED") == "copy":
         device_like_feed()
+    if os.environ.get("HIERA_BENCH_ENGINE") == "echo":
+        from model.variants import get_variant
+
+        shapes = get_variant(os.environ.get("HIERA_BENCH_VARIANT", "hiera_tiny_224"))
+        echo_engine(shapes.num_classes, shapes.embed_dim)
     latency_ms = float(os.environ.get("HIERA_BENCH_LATENCY_MS", "5"))
     variant = os.environ.get("HIERA_BENCH_VARIANT", "hiera_tiny_224")
     plan = sleep_plan(variant, latency_ms, 1024)

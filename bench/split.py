@@ -284,15 +284,10 @@ def memory(repository: Path, image: bytes) -> dict[str, Any]:
 async def _drive_corridor(
     path: Path, engine_pid: int, rate: float, seconds: float
 ) -> dict[str, Any]:
-    """Submit at `rate` through the corridor, through an engine in this process, and to a
-    no-op; the differences in CPU are what the corridor costs each side."""
-    from bench.frontend_server import sleep_plan
-    from bench.noop_engine import device_like_feed
-    from service.engine import core
+    """Submit at `rate` through the corridor to an engine that answers at once (no batcher,
+    no model), and to a no-op; the difference in CPU is what the corridor costs each side."""
     from service.engine.client import ProcessEngine
     from service.engine.state import Want
-    from service.metrics import Metrics
-    from service.postprocess import best_k
     from service.settings import Settings
 
     settings = Settings(weights="random", engine="process", engine_socket=path)
@@ -302,24 +297,9 @@ async def _drive_corridor(
     height, width = remote.card.preprocessing.input_size
     crop = np.random.default_rng(0).integers(0, 256, (3, height, width), dtype=np.uint8)
     want = Want(top_k=5, embedding=True)
-    device_like_feed()  # as the engine process does (HIERA_BENCH_FEED=copy)
-    core.plan = lambda _: sleep_plan(remote.card.variant, 0.0, 1024)  # type: ignore[assignment,union-attr]
-    local = core.Engine(
-        settings.model_copy(update={"engine": "inline", "max_batch_size": 64,
-                                    "max_queue_size": 4096, "batch_cap_from_warmup": False}),
-        Metrics(),
-    )  # fmt: skip
-    await local.load()
 
     async def nothing(*_: Any) -> None:
         return None
-
-    async def in_process(item: Any, deadline: float, wanted: Want) -> Any:
-        # The same work as the engine process's: batch, model, and the top-k it sends back.
-        result = await local.submit(item, deadline, wanted)
-        assert result.outputs is not None
-        best_k(result.outputs.probabilities[result.row], wanted.top_k)
-        return result.embedding.copy()
 
     async def window(submit: Any) -> tuple[float, float, int]:
         mine, theirs = time.process_time(), cpu_seconds(engine_pid)
@@ -332,24 +312,22 @@ async def _drive_corridor(
         return time.process_time() - mine, cpu_seconds(engine_pid) - theirs, count
 
     await window(remote.submit)  # warm: slots touched, code paths taken
-    await window(in_process)
-    idle_mine, idle_engine, _ = await window(nothing)  # the client loop alone; the engine idle
-    corridor_mine, corridor_engine, images = await window(remote.submit)
-    inproc_mine, _, _ = await window(in_process)
+    rounds = []
+    for _ in range(3):  # alternating, so both kinds of window share the host's moods
+        idle_mine, idle_engine, _ = await window(nothing)
+        busy_mine, busy_engine, images = await window(remote.submit)
+        rounds.append(
+            (1e6 * (busy_mine - idle_mine) / images, 1e6 * (busy_engine - idle_engine) / images)
+        )
     await remote.close(time.monotonic() + 5)
-    await local.close(time.monotonic() + 5)
-    front_us = 1e6 * (corridor_mine - idle_mine) / images
-    engine_us = 1e6 * (corridor_engine - idle_engine) / images
-    engine_work_us = 1e6 * (inproc_mine - idle_mine) / images
     return {
         "rate_per_s": rate,
-        "images": images,
-        "front_end_us_per_image": front_us,
-        "engine_us_per_image": engine_us,
-        "engine_work_in_process_us_per_image": engine_work_us,
-        "engine_corridor_us_per_image": engine_us - engine_work_us,
-        "note": "CPU per image above a client loop that submits nothing; the engine's "
-        "corridor cost is its CPU minus the same engine's driven in one process",
+        "images_per_round": int(rate * seconds),
+        "front_end_us_per_image": statistics.median(r[0] for r in rounds),
+        "engine_us_per_image": statistics.median(r[1] for r in rounds),
+        "rounds": rounds,
+        "note": "CPU per image above a client loop that submits nothing; the engine answers "
+        "each input at once with fixed outputs (top 5 and the embedding written to the slot)",
     }
 
 
@@ -361,7 +339,7 @@ def corridor(*, rate: float, seconds: float) -> dict[str, Any]:
     metrics.mkdir()
     env = os.environ | {
         "PROMETHEUS_MULTIPROC_DIR": str(metrics), "HIERA_BENCH_LATENCY_MS": "0",
-        "HIERA_BENCH_FEED": "copy",
+        "HIERA_BENCH_ENGINE": "echo",
         "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
     from service.settings import Settings
@@ -411,10 +389,9 @@ def print_table(report: dict[str, Any]) -> None:
             f"--workers 2 --engine {layout}: {mem['total_mib']:.0f} MiB PSS {mem['pss_mib']}"
         )
     if c := report.get("corridor"):
-        front, engine = c["front_end_us_per_image"], c["engine_corridor_us_per_image"]
+        front, engine = c["front_end_us_per_image"], c["engine_us_per_image"]
         lines.append(
-            f"corridor at {c['rate_per_s']:.0f} img/s: front end {front:.1f} us/img, engine "
-            f"{engine:.1f} us/img ({c['engine_us_per_image']:.1f} in all, "
-            f"{c['engine_work_in_process_us_per_image']:.1f} without the corridor)"
+            f"corridor at {c['rate_per_s']:.0f} img/s: front end {front:.1f} us/img, "
+            f"engine {engine:.1f} us/img (median of 3 rounds)"
         )
     print("\n".join(lines))

@@ -12,7 +12,8 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.app import create_app
 from service.metrics import Metrics
-from service.workers import assign_devices
+from service.settings import Settings
+from service.workers import assign_devices, plan_layout
 from tests.service.helpers import make_image, repository_settings, running
 
 
@@ -163,3 +164,27 @@ def test_gpu_gauges_of_every_worker_reach_one_scrape(
     # GPU-aaaa fails to read (FakeNvml): absent, and the scrape still works.
     assert value("hiera_gpu_utilization_ratio", {"gpu": "GPU-aaaa", "device": "cuda:0"}) is None
     assert "pid=" not in generate_latest(second.registry).decode()
+
+
+def _settings(**values: object) -> Settings:
+    return Settings(weights="random", **values)  # type: ignore[arg-type]
+
+
+def test_the_layout_follows_the_host_front_ends_on_a_gpu_host_inline_on_a_cpu_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service.settings
+
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
+    cpu_host = plan_layout(_settings(workers=3), [])
+    assert cpu_host.engines == [] and cpu_host.workers == [[], [], []]
+    gpu_host = plan_layout(_settings(), ["0", "1"])
+    # One engine per GPU; every core but one per engine serves HTTP (no GPU of their own).
+    assert gpu_host.engines == [["0"], ["1"]] and gpu_host.workers == [[]] * 14
+    assert plan_layout(_settings(workers=4), ["0"]).workers == [[]] * 4  # --workers decides
+    inline = plan_layout(_settings(engine="inline", workers=2), ["0", "1"])
+    assert inline.engines == [] and inline.workers == [["0"], ["1"]]
+    split_cpu = plan_layout(_settings(engine="process"), [])
+    assert split_cpu.engines == [[]] and len(split_cpu.workers) == 15  # one engine for the CPU
+    with pytest.raises(ValueError, match="--engine inline"):
+        plan_layout(_settings(decode_device="cuda"), ["0"])
