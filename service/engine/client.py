@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class _Pool:
 Answer = tuple[int, int, int, float, float]  # status, batch size, k, queue s, inference s
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(wire.FrameProtocol):
     """One corridor to one engine incarnation: RESULT frames resolve their callers' futures.
 
     Slots: while a request is in `waiting`, a caller that has left (its future cancelled) leaves
@@ -115,6 +115,7 @@ class _Connection(asyncio.Protocol):
         hello: dict[str, Any],
         on_closed: Callable[[_Connection], None],
     ) -> None:
+        super().__init__()
         self.board = board
         self.pools = pools
         self.hello = hello
@@ -122,30 +123,18 @@ class _Connection(asyncio.Protocol):
         self.dead: str | None = None  # why it can no longer be used
         self.closed = False  # the engine's end closed: that process is gone
         self.killed = False
-        self.transport: asyncio.Transport | None = None
-        self.outbox: wire.Outbox | None = None
         self._on_closed = on_closed
-        self._pending = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        self.transport = cast(asyncio.Transport, transport)
-        self.outbox = wire.Outbox(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        pending = self._pending + data if self._pending else data
-        whole = len(pending) - len(pending) % wire.FRAME
-        for start in range(0, whole, wire.FRAME):
-            request, status, batch_size, k, queue_s, infer_s = wire.parse_result(pending, start)
-            waiter = self.waiting.pop(request, None)
-            if waiter is None:
-                continue
-            answer, pool, slot = waiter
-            if answer.done():  # its caller left: the engine is done with the slot now
-                pool.give(slot)
-            else:
-                answer.set_result((status, batch_size, k, queue_s, infer_s))
-        self._pending = pending[whole:]
+    def frame(self, frames: bytes, offset: int) -> None:
+        request, status, batch_size, k, queue_s, infer_s = wire.parse_result(frames, offset)
+        waiter = self.waiting.pop(request, None)
+        if waiter is None:
+            return
+        answer, pool, slot = waiter
+        if answer.done():  # its caller left: the engine is done with the slot now
+            pool.give(slot)
+        else:
+            answer.set_result((status, batch_size, k, queue_s, infer_s))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -46,12 +46,13 @@ BEAT_S = 0.25  # how often the board's heartbeat and pace are refreshed
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class _Link(asyncio.Protocol):
+class _Link(wire.FrameProtocol):
     """One front end's connection: its slots, its inputs in the engine, its board cell."""
 
     def __init__(
         self, engine: Engine, board: Board, cell: int, pools: dict[int, Slots], pid: int
     ) -> None:
+        super().__init__()
         self.engine = engine
         self.board = board
         self.cell = cell
@@ -59,22 +60,7 @@ class _Link(asyncio.Protocol):
         self.pid = pid
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.open = True
-        self.transport: asyncio.Transport | None = None
-        self.outbox: wire.Outbox | None = None
         self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
-        self._pending = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        self.transport = cast(asyncio.Transport, transport)
-        self.outbox = wire.Outbox(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        pending = self._pending + data if self._pending else data
-        whole = len(pending) - len(pending) % wire.FRAME
-        for start in range(0, whole, wire.FRAME):
-            self._frame(pending, start)
-        self._pending = pending[whole:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The front end went: drop its work, then clear its cell."""
@@ -93,7 +79,7 @@ class _Link(asyncio.Protocol):
     def _done(self, request: int, _: asyncio.Task[None]) -> None:
         self.tasks.pop(request, None)
 
-    def _frame(self, frames: bytes, offset: int) -> None:
+    def frame(self, frames: bytes, offset: int) -> None:
         kind = frames[offset]
         if kind == wire.SUBMIT:
             request, pool, slot, top_k, want, deadline = wire.parse_submit(frames, offset)

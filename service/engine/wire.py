@@ -13,7 +13,7 @@ import asyncio
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 FRAME = 32
 SUBMIT, CANCEL, RESULT = 1, 2, 3
@@ -89,6 +89,32 @@ class Outbox:
         frames, self._frames = self._frames, []
         if not self._writer.is_closing():
             self._writer.write(b"".join(frames))
+
+
+class FrameProtocol(asyncio.Protocol):
+    """One end of the corridor: splits what arrives into frames for `frame()`, and sends
+    through an Outbox."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.outbox: Outbox | None = None
+        self._pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.outbox = Outbox(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        pending = self._pending + data if self._pending else data
+        whole = len(pending) - len(pending) % FRAME
+        for start in range(0, whole, FRAME):
+            self.frame(pending, start)
+        self._pending = pending[whole:]
+
+    def frame(self, frames: bytes, offset: int) -> None:
+        """Handle the frame at `offset` of `frames`."""
+        raise NotImplementedError
 
 
 # The handshake: one JSON message, length-prefixed, with file descriptors alongside.

@@ -82,18 +82,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             del flags[at : at + 2]
         for host in ("127.0.0.1", "localhost"):
             addresses[f"{host}:{documented}"] = f"127.0.0.1:{port}"
-        if "--metrics-port" in flags:
-            at = flags.index("--metrics-port") + 1
-            metrics_port = free_port()
-            for host in ("127.0.0.1", "localhost"):
-                addresses[f"{host}:{flags[at]}"] = f"127.0.0.1:{metrics_port}"
-            flags[at] = str(metrics_port)
-        if "--grpc-port" in flags:
-            at = flags.index("--grpc-port") + 1
-            grpc_port = free_port()
-            for host in ("127.0.0.1", "localhost"):
-                addresses[f"{host}:{flags[at]}"] = f"127.0.0.1:{grpc_port}"
-            flags[at] = str(grpc_port)
+        for other in ("--metrics-port", "--grpc-port"):  # the server's other ports, moved too
+            if other in flags:
+                at = flags.index(other) + 1
+                moved = free_port()
+                for host in ("127.0.0.1", "localhost"):
+                    addresses[f"{host}:{flags[at]}"] = f"127.0.0.1:{moved}"
+                flags[at] = str(moved)
         if "--weights" in flags:
             flags += ["--export-dir", str(folder / "repository")]
         log = folder / f"server-{len(running)}.log"

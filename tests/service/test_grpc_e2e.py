@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from bench.split import process_roles
 from model.hiera import BuiltModel
 from tests.service.helpers import free_port, live_server, make_image, ready_process
 from tests.service.reference import probabilities, reference, top_indices
@@ -173,20 +174,20 @@ def _listening(port: int, pids: list[int]) -> dict[int, int]:
     return counts
 
 
+@pytest.mark.parametrize("engine", ["inline", "process"])
 def test_every_worker_serves_grpc_on_the_one_port(
-    micro_repository: Path, tmp_path: Path, micro_model: BuiltModel
+    micro_repository: Path, tmp_path: Path, micro_model: BuiltModel, engine: str
 ) -> None:
     port = free_port()
     log = tmp_path / "workers.log"
-    args = ("--workers", "2", "--grpc-port", str(port))
+    args = ("--workers", "2", "--grpc-port", str(port), "--engine", engine)
     # Ready only once both workers are: each has bound the gRPC port by then (a failed bind
-    # fails the worker's startup).
+    # fails the worker's startup). With --engine process they are front ends of one engine.
     with ready_process("service.cli", micro_repository, log, *args) as (_, supervisor):
-        children = subprocess.run(
-            ["pgrep", "-P", str(supervisor.pid)], capture_output=True, text=True, check=True
-        ).stdout.split()
-        workers = [int(pid) for pid in children]
+        roles = process_roles(supervisor.pid)
+        workers = roles["worker"]
         assert len(workers) == 2, log.read_text()
+        assert len(roles["engine"]) == (1 if engine == "process" else 0)
         assert _listening(port, workers) == dict.fromkeys(workers, 1)
         data = make_image(16)
         _, embedding = reference(micro_model, data)
