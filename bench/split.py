@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -86,25 +85,12 @@ def pss_mib(pid: int) -> float:
 
 @dataclass
 class Tree:
-    """A supervisor and the processes it started, found in its log."""
+    """A served process tree: its port, its root process and their roles (process_roles)."""
 
     port: int
     process: subprocess.Popen[bytes]
     log: Path
     roles: dict[str, list[int]] = field(default_factory=dict)
-
-    def find_roles(self) -> dict[str, list[int]]:
-        text = self.log.read_text()
-        roles = {
-            role: [int(p) for p in re.findall(rf"{role} \d+ started \(pid (\d+)", text)]
-            for role in ("engine", "worker")
-        }
-        if not any(roles.values()):  # a single inline process serves by itself
-            roles["worker"] = [self.process.pid]
-        else:
-            roles["supervisor"] = [self.process.pid]
-        self.roles = roles
-        return roles
 
 
 @contextlib.contextmanager
@@ -131,7 +117,7 @@ def serve(module: str, args: list[str], env: dict[str, str] | None = None) -> It
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{module} not ready in 300 s:\n{log.read_text()}")
             time.sleep(0.2)
-        tree.find_roles()
+        tree.roles = process_roles(process.pid)
         yield tree
     finally:
         if process.poll() is None:

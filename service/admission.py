@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from service.batching import QueueFull
+from service.engine.state import DrainRate
 
-# How many recent completions the drain rate is measured over.
-_RATE_SAMPLES = 256
 _MIN_RETRY_S = 1
 _MAX_RETRY_S = 60
 _SHARED_POLL_S = 0.01  # how often a request waiting for shared room looks again
@@ -115,16 +113,15 @@ class Admission:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        # Shared with other front ends when the capacity is an engine's (service.engine.board).
+        # Shared with other front ends when the capacity is an engine's (service.engine.shm.Board).
         self._ledger: Ledger = ledger if ledger is not None else LocalLedger()
         # Where the drain rate comes from when others share the capacity (the engine measures
         # it); by default, from this process's own completions.
         self._drain_rate = drain_rate
-        self._clock = clock
         # Told the new outstanding count after every admit and release (e.g. a gauge's set).
         self._on_change = on_change
-        # Recent completion times: their count over their span is the drain rate.
-        self._completions: deque[float] = deque(maxlen=_RATE_SAMPLES)
+        # Recent completions: their count over their span is the drain rate.
+        self._completions = DrainRate(clock)
         # The request deadline, and the model time n images need (None while unmeasured).
         self._max_wait_s = max_wait_s
         self._backlog_seconds = backlog_seconds
@@ -180,11 +177,7 @@ class Admission:
         """Return images completed per second over the recent completions, None if unknown."""
         if self._drain_rate is not None:
             return self._drain_rate()
-        times = self._completions
-        if len(times) < 2:
-            return None
-        span = max(self._clock(), times[-1]) - times[0]
-        return (len(times) - 1) / span if span > 0 else None
+        return self._completions.rate
 
     def freed(self) -> asyncio.Future[None]:
         """Return a future that resolves at the next release, when room may have freed.
@@ -202,13 +195,11 @@ class Admission:
     def _release(self, count: int, completed: bool) -> None:
         self._ledger.give(count)
         if completed and self._drain_rate is None:
-            now = self._clock()
-            self._completions.extend([now] * count)
+            self._completions.completed(count)
         self._changed()
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _resolve(waiter)
 
     def _changed(self) -> None:
         if self._on_change is not None:

@@ -33,14 +33,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         print(f"hiera-serve: invalid configuration: {problem}", file=sys.stderr)  # before binding
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    if settings.workers > 1 or settings.engine != "inline":
-        from service.workers import supervise, visible_gpus
+    from service.workers import runs_engines, supervise
 
-        split = settings.engine == "process" or (
-            settings.engine == "auto" and settings.engine_socket is None and visible_gpus(settings)
-        )
-        if settings.workers > 1 or split:
-            return supervise(settings)
+    if settings.workers > 1 or runs_engines(settings):
+        return supervise(settings)
     return 1 if serve(settings) else 0
 
 

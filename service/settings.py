@@ -194,8 +194,8 @@ class Settings(BaseSettings):
     )
     engine_socket: Path | None = Field(
         None,
-        description="the Unix socket of a running engine process to serve from (set by the "
-        "supervisor for its workers; with it, this server loads no model of its own)",
+        description="internal: the Unix socket of the engine process a worker reaches, set by "
+        "the supervisor for its workers (with it, a worker loads no model of its own)",
     )
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="level")

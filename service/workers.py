@@ -122,6 +122,13 @@ class Layout:
     engines: list[list[str]]  # empty: every worker holds its own model (--engine inline)
 
 
+def runs_engines(settings: Settings) -> bool:
+    """Whether the model runs in engine processes (which a supervisor starts) on this host."""
+    if settings.engine == "auto" and settings.engine_socket is None:
+        return bool(visible_gpus(settings))
+    return settings.engine == "process"
+
+
 def plan_layout(settings: Settings, gpus: Sequence[str]) -> Layout:
     """Resolve --engine and the number of workers for this host's GPUs and cores."""
     process = settings.engine == "process" or (settings.engine == "auto" and bool(gpus))

@@ -180,10 +180,6 @@ class ProcessEngine:
     def model_device(self) -> str:
         return self.devices[0] if self.devices else "cpu"
 
-    @property
-    def queue_depth(self) -> int:
-        return 0
-
     # The ledger admission counts in (service.admission.Ledger): the board's cells, shared by
     # every front end. This front end's own count is kept here too, so that an engine restart
     # (a new board) starts from the images it still has admitted.
@@ -286,7 +282,7 @@ class ProcessEngine:
         want: Want,
     ) -> BatchResult:
         if status != wire.OK:
-            raise _error(status, self.reason)
+            raise _error(status)
         empty = np.zeros(0, np.float32)
         embedding = slots.embedding[slot].copy() if want.embedding else empty
         outputs = CorridorOutputs(
@@ -359,8 +355,6 @@ class ProcessEngine:
             board = Board.attach(fds[0], int(hello["cell"]))
             card = hello["card"]
             height, width = card["preprocessing"]["input_size"]
-            common = {"max_k": int(hello["max_k"]), "embed_dim": int(card["embed_dim"]),
-                      "num_classes": int(card["num_classes"])}  # fmt: skip
             specs = [
                 (wire.CROPS, "uint8", int(hello["capacity"])),
                 (wire.TENSORS, "float32", min(TENSOR_SLOTS, int(hello["capacity"]))),
@@ -368,11 +362,12 @@ class ProcessEngine:
             pools: dict[int, _Pool] = {}
             attach: list[dict[str, Any]] = []
             for kind, dtype, count in specs:
-                layout = SlotLayout((3, height, width), dtype, **common)
-                slots = Slots.create(layout, count, f"hiera-slots-{kind}")
-                pools[kind] = _Pool(slots)
-                attach.append({"pool": kind, "input_shape": [3, height, width],
-                               "input_dtype": dtype, "count": count, **common})  # fmt: skip
+                layout = SlotLayout(
+                    (3, height, width), dtype, int(hello["max_k"]), int(card["embed_dim"]),
+                    int(card["num_classes"]),
+                )  # fmt: skip
+                pools[kind] = _Pool(Slots.create(layout, count, f"hiera-slots-{kind}"))
+                attach.append({"pool": kind, "count": count, "layout": layout.to_dict()})
             wire.send_hello(
                 sock, {"pid": os.getpid(), "pools": attach}, [p.slots.fd for p in pools.values()]
             )
@@ -446,7 +441,7 @@ class ProcessEngine:
             self._on_state(state, reason)
 
 
-def _error(status: int, reason: str) -> Exception:
+def _error(status: int) -> Exception:
     if status == wire.DEADLINE:
         return DeadlineExceeded("deadline passed while waiting for the model")
     if status == wire.CLOSED:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from model.hiera import WeightsUnavailable
 from model.variants import UnknownVariant
 from service.batching import BatchResult, DynamicBatcher
 from service.card import ModelCard
-from service.engine.state import EngineState, Want
+from service.engine.state import DrainRate, EngineState, Want
 from service.metrics import BatcherMetrics, Metrics
 from service.runtime.base import BackendError
 from service.runtime.devices import cuda_uuids
@@ -42,8 +41,6 @@ CONFIGURATION_ERRORS = (
     ExportError,
     UnknownVariant,
 )
-# How many recent completions the drain rate is measured over.
-_RATE_SAMPLES = 256
 
 
 class Engine:
@@ -80,7 +77,7 @@ class Engine:
         )
         self._on_state = on_state
         self._on_broken = on_broken
-        self._completions: deque[float] = deque(maxlen=_RATE_SAMPLES)
+        self._completions = DrainRate()
         # True once shutdown had to leave a hung model thread behind: the process must then
         # exit without joining it.
         self.abandoned_threads = False
@@ -95,10 +92,6 @@ class Engine:
         """Return where the first instance runs ("cpu", "cuda:0", ...)."""
         return self.pool.instances[0].device if self.pool is not None else "cpu"
 
-    @property
-    def queue_depth(self) -> int:
-        return self.batcher.queue_depth if self.batcher is not None else 0
-
     def backlog_seconds(self, images: int) -> float | None:
         """Estimate the model time `images` images need (None while unmeasured)."""
         return self.batcher.backlog_seconds(images) if self.batcher is not None else None
@@ -112,11 +105,7 @@ class Engine:
     @property
     def drain_rate(self) -> float | None:
         """Return images completed per second over the recent completions, None if unknown."""
-        times = self._completions
-        if len(times) < 2:
-            return None
-        span = max(time.monotonic(), times[-1]) - times[0]
-        return (len(times) - 1) / span if span > 0 else None
+        return self._completions.rate
 
     def info(self) -> dict[str, Any]:
         """Return what the model_info metric and /v1/models say about the runtime."""
@@ -246,8 +235,7 @@ class Engine:
 
     def completed(self, count: int) -> None:
         """Count `count` inputs answered now (the drain rate that Retry-After is made from)."""
-        now = time.monotonic()
-        self._completions.extend([now] * count)
+        self._completions.completed(count)
 
     def _batch_failed(self, exc: BaseException) -> None:
         self.metrics.batch_failures.inc()

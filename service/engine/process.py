@@ -279,13 +279,7 @@ class EngineServer:
         attach, fds = wire.recv_hello(conn)
         pools: dict[int, Slots] = {}
         for fd, spec in zip(fds, attach["pools"], strict=True):
-            layout = SlotLayout(
-                tuple(spec["input_shape"]),
-                spec["input_dtype"],
-                spec["max_k"],
-                spec["embed_dim"],
-                spec["num_classes"],
-            )
+            layout = SlotLayout.from_dict(spec["layout"])
             pools[spec["pool"]] = Slots.attach(fd, layout, spec["count"])
             os.close(fd)  # the mapping keeps the memory
         return int(attach["pid"]), pools

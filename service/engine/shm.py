@@ -17,11 +17,13 @@ writes the input once; the engine reads it in place and writes the outputs back 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import mmap
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -163,6 +165,14 @@ class SlotLayout:
     max_k: int
     embed_dim: int
     num_classes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the layout as JSON-ready data (what a front end tells its engine)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlotLayout:
+        return cls(**{**data, "input_shape": tuple(data["input_shape"])})
 
     @property
     def input_bytes(self) -> int:
