@@ -27,7 +27,7 @@ def device_like_feed() -> None:
 
 def echo_engine(classes: int, embed_dim: int) -> None:
     """Answer every input at once with fixed outputs, without batcher or model: what is left
-    is the corridor's own cost (frames, one task per input, the outputs written to the slot)."""
+    is the corridor's own cost (frames, the outputs written to the slot)."""
     import numpy as np
 
     from service.batching import BatchResult
@@ -39,10 +39,14 @@ def echo_engine(classes: int, embed_dim: int) -> None:
     embedding = rng.standard_normal((1, embed_dim), dtype=np.float32)
     outputs = BatchOutputs(logits, embedding)
 
-    async def submit(self: Engine, item: object, deadline: object, want: object = None) -> object:
-        return BatchResult(logits[0], embedding[0], 1, 0.0, 0.0, outputs, 0)
+    def enqueue(self: Engine, item: object, deadline: object) -> object:
+        import asyncio
 
-    Engine.submit = submit  # type: ignore[assignment,method-assign]
+        answered = asyncio.get_running_loop().create_future()
+        answered.set_result(BatchResult(logits[0], embedding[0], 1, 0.0, 0.0, outputs, 0))
+        return answered
+
+    Engine.enqueue = enqueue  # type: ignore[assignment,method-assign]
 
 
 def main() -> int:

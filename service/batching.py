@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ParamSpec, Protocol
 
 import numpy as np
@@ -227,6 +228,17 @@ class DynamicBatcher:
 
     async def submit(self, item: Any, *, deadline: float | None = None) -> BatchResult:
         """Queue one ``[3, H, W]`` item and wait for its row of the batch outputs."""
+        # Awaiting the future directly: a cancelled caller cancels it, which withdraws the item.
+        return await self.enqueue(item, deadline=deadline)
+
+    def enqueue(self, item: Any, *, deadline: float | None = None) -> asyncio.Future[BatchResult]:
+        """Queue one ``[3, H, W]`` item; return the future its result (or error) resolves.
+
+        The entry for callers that must not cost a task per item (the engine process answers
+        each corridor input from a callback): cancelling the future withdraws the item unless
+        it already reached the model, and past ``deadline`` it fails with DeadlineExceeded.
+        Refusals (full, closed, a passed deadline, a bad item) raise here, at once.
+        """
         self._validate(item)
         if self._failed is not None:
             raise InferenceFailed("batch dispatcher crashed; restart the service") from self._failed
@@ -241,20 +253,30 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._observe(self._observer.dropped, "deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
-        pending = _Pending(item, asyncio.get_running_loop().create_future(), now, deadline)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, loop.create_future(), now, deadline)
         self._queue.append(pending)
         self._observe(self._observer.queue_depth, len(self._queue))
         self._wakeup.set()
-        try:
-            # asyncio.timeout(None) never fires, so one code path serves both cases.
-            async with asyncio.timeout(None if deadline is None else deadline - now):
-                return await pending.future
-        except TimeoutError:
-            self._abandon(pending, "deadline")
-            raise DeadlineExceeded("deadline passed while waiting for the model") from None
-        except asyncio.CancelledError:
+        if deadline is not None:
+            # One timer per item, not a task: cheap enough for thousands per second.
+            timer = loop.call_later(deadline - now, self._expire, pending)
+            pending.future.add_done_callback(lambda _: timer.cancel())
+        pending.future.add_done_callback(partial(self._settled, pending))
+        return pending.future
+
+    def _expire(self, pending: _Pending) -> None:
+        """Fail an item whose deadline passed while it waited for the model."""
+        if pending.future.done():
+            return
+        pending.future.set_exception(
+            DeadlineExceeded("deadline passed while waiting for the model")
+        )
+        self._abandon(pending, "deadline")
+
+    def _settled(self, pending: _Pending, future: asyncio.Future[BatchResult]) -> None:
+        if future.cancelled():  # its caller left
             self._abandon(pending, "cancelled")
-            raise
 
     # The timeout parameter is the documented API; asyncio.timeout() is used inside.
     async def close(self, *, drain: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109

@@ -188,17 +188,25 @@ class Engine:
         if self.state == "loading":  # not if shutdown began while the model loaded
             self._set_state("ready", "ok")
 
+    async def reserve(self) -> None:
+        """Return no slot: in process, the decoder's own array is the input (no copy)."""
+        return None
+
     async def submit(
         self, item: Any, deadline: float | None, want: Want | None = None
     ) -> BatchResult:
         """Batch and run one `[3, H, W]` input; raises the batcher's errors. `want` is a hint
         for engines behind a corridor (what to send back); in process every output is there."""
+        return await self.enqueue(item, deadline)
+
+    def enqueue(self, item: Any, deadline: float | None) -> asyncio.Future[BatchResult]:
+        """Queue one input without a task of its own; see DynamicBatcher.enqueue."""
         batcher = self.batcher
         if batcher is None:
             from service.errors import NotReady
 
             raise NotReady(self.reason)
-        return await batcher.submit(item, deadline=deadline)
+        return batcher.enqueue(item, deadline=deadline)
 
     def fail(self, exc: BaseException) -> None:
         """Mark the engine failed after a load failure, a backend error or a dead worker."""

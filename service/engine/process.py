@@ -25,17 +25,16 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import numpy as np
 
-from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
+from service.batching import BatcherClosed, BatchResult, DeadlineExceeded, QueueFull
 from service.engine import wire
 from service.engine.core import Engine
 from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
 from service.errors import NotReady
 from service.metrics import Metrics
-from service.postprocess import best_k
+from service.postprocess import BatchOutputs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,11 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class _Link(wire.FrameProtocol):
-    """One front end's connection: its slots, its inputs in the engine, its board cell."""
+    """One front end's connection: its slots, its inputs in the engine, its board cell.
+
+    Each SUBMIT is queued in the batcher with a callback that writes the outputs and the
+    RESULT: no task per input (a task costs its creation, its name and a loop turn).
+    """
 
     def __init__(
         self, engine: Engine, board: Board, cell: int, pools: dict[int, Slots], pid: int
@@ -58,7 +61,7 @@ class _Link(wire.FrameProtocol):
         self.cell = cell
         self.pools = pools
         self.pid = pid
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.inputs: dict[int, asyncio.Future[BatchResult]] = {}  # by request id
         self.open = True
         self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
 
@@ -76,82 +79,108 @@ class _Link(wire.FrameProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _done(self, request: int, _: asyncio.Task[None]) -> None:
-        self.tasks.pop(request, None)
-
     def frame(self, frames: bytes, offset: int) -> None:
         kind = frames[offset]
         if kind == wire.SUBMIT:
-            request, pool, slot, top_k, want, deadline = wire.parse_submit(frames, offset)
-            task = asyncio.get_running_loop().create_task(
-                self._run_one(request, pool, slot, top_k, want, deadline)
-            )
-            self.tasks[request] = task
-            task.add_done_callback(partial(self._done, request))
+            self._submit(*wire.parse_submit(frames, offset))
         elif kind == wire.CANCEL:
-            cancelled = self.tasks.get(wire.parse_cancel(frames, offset))
+            cancelled = self.inputs.get(wire.parse_cancel(frames, offset))
             if cancelled is not None:
-                cancelled.cancel()
+                cancelled.cancel()  # withdrawn from the batcher unless the model has it
         else:
             log.error("front end pid %d sent an unknown frame %d; closing it", self.pid, kind)
             self.close()
 
-    async def _run_one(
+    def _submit(
         self, request: int, pool: int, slot: int, top_k: int, want: int, deadline: float
     ) -> None:
-        status, batch_size, k, queue_s, infer_s = wire.OK, 0, 0, 0.0, 0.0
+        slots = self.pools.get(pool)
+        if slots is None or not 0 <= slot < slots.count:
+            self._answer(request, wire.INVALID)
+            return
         try:
-            slots = self.pools.get(pool)
-            if slots is None or not 0 <= slot < slots.count:
-                status = wire.INVALID
-                return
-            result = await self.engine.submit(slots.inputs[slot], deadline or None)
-            batch_size, queue_s, infer_s = (
-                result.batch_size,
-                result.queue_seconds,
-                result.infer_seconds,
-            )
+            future = self.engine.enqueue(slots.inputs[slot], deadline or None)
+        except Exception as exc:
+            self._answer(request, _status(exc))
+            return
+        self.inputs[request] = future
+        future.add_done_callback(partial(self._ran, request, slots, slot, top_k, want))
+
+    def _ran(
+        self,
+        request: int,
+        slots: Slots,
+        slot: int,
+        top_k: int,
+        want: int,
+        future: asyncio.Future[BatchResult],
+    ) -> None:
+        """Write a settled input's outputs into its slot and answer its SUBMIT."""
+        self.inputs.pop(request, None)
+        if future.cancelled():
+            self._answer(request, wire.CANCELLED)
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._answer(request, _status(exc))
+            return
+        result = future.result()
+        try:
             k = _write_outputs(slots, slot, result, top_k, want)
-            self.engine.completed(1)
-        except asyncio.CancelledError:
-            status = wire.CANCELLED
-        except DeadlineExceeded:
-            status = wire.DEADLINE
-        except (BatcherClosed, NotReady):
-            status = wire.CLOSED
-        except QueueFull:
-            status = wire.FULL
-        except ValueError:  # an input of the wrong shape or kind
-            status = wire.INVALID
         except Exception:
-            status = wire.FAILED  # the batcher has logged and counted the failure
-        finally:
-            if self.open and self.outbox is not None:
-                self.outbox.put(wire.result(request, status, batch_size, k, queue_s, infer_s))
+            log.exception("writing the outputs of request %d failed", request)
+            self._answer(request, wire.FAILED)
+            return
+        self.engine.completed(1)
+        self._answer(
+            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds
+        )
+
+    def _answer(
+        self,
+        request: int,
+        status: int,
+        batch_size: int = 0,
+        k: int = 0,
+        queue_s: float = 0.0,
+        infer_s: float = 0.0,
+    ) -> None:
+        if self.open and self.outbox is not None:
+            self.outbox.put(wire.result(request, status, batch_size, k, queue_s, infer_s))
 
     async def _forget(self) -> None:
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        inputs = list(self.inputs.values())
+        for future in inputs:
+            future.cancel()
+        # Their callbacks run on the next loop turns; the model may still hold some of them.
+        while self.inputs:
+            await asyncio.wait(list(self.inputs.values()))
+            await asyncio.sleep(0)
         self.board.clear(self.cell)
-        log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(tasks))
+        log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(inputs))
 
 
-def _write_outputs(slots: Slots, slot: int, result: Any, top_k: int, want: int) -> int:
+def _status(exc: BaseException) -> int:
+    """Return the RESULT status that tells the front end which error ended an input."""
+    if isinstance(exc, DeadlineExceeded):
+        return wire.DEADLINE
+    if isinstance(exc, BatcherClosed | NotReady):
+        return wire.CLOSED
+    if isinstance(exc, QueueFull):
+        return wire.FULL
+    if isinstance(exc, ValueError):  # an input of the wrong shape or kind
+        return wire.INVALID
+    return wire.FAILED  # the batcher has logged and counted the failure
+
+
+def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, want: int) -> int:
     """Write one input's requested outputs into its slot; return how many classes it holds."""
     k = min(top_k, slots.layout.max_k)
     if k:
-        outputs = result.outputs
-        scores = outputs.probabilities[result.row] if outputs is not None else None
-        if scores is None:
-            from service.postprocess import softmax
-
-            scores = softmax(result.logits)
-        best = best_k(scores, k)
-        slots.indices[slot, :k] = best
-        slots.scores[slot, :k] = scores[best]
+        outputs = result.outputs or BatchOutputs(result.logits[None, :], result.embedding[None])
+        indices, scores = outputs.ranked(result.row if result.outputs else 0, k)
+        slots.indices[slot, :k] = indices
+        slots.scores[slot, :k] = scores
     if want & wire.WANT_EMBEDDING:
         slots.embedding[slot] = result.embedding
     if want & wire.WANT_LOGITS:
