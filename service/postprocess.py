@@ -48,6 +48,34 @@ def best_k(scores: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.argsort(negated, kind="stable")[:k]]
 
 
+def best_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Return `[B, k]` indices: row i is exactly best_k(scores[i], k), for the whole batch at
+    once.
+
+    One partition over the batch finds each row's k-th score; a row with exactly k scores at
+    least that high (the usual case) has its top k in one vectorised stable sort. Rows with
+    ties at the k-th place (or NaN) go through best_k. Per row, best_k's Python and small
+    numpy calls cost more than the partition itself.
+    """
+    rows, classes = scores.shape
+    k = min(k, classes)
+    if k == classes or rows == 0:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    negated = -scores
+    kth = np.partition(negated, k - 1, axis=1)[:, k - 1 : k]
+    chosen = negated <= kth
+    exact = chosen.sum(axis=1) == k
+    out = np.empty((rows, k), dtype=np.intp)
+    if exact.any():
+        # np.nonzero walks row by row, in index order: k column indices per exact row.
+        columns = np.nonzero(chosen[exact])[1].reshape(-1, k)
+        order = np.argsort(np.take_along_axis(negated[exact], columns, 1), 1, kind="stable")
+        out[exact] = np.take_along_axis(columns, order, 1)
+    for row in np.flatnonzero(~exact):
+        out[row] = best_k(scores[row], k)
+    return out
+
+
 def normalize(embedding: np.ndarray) -> np.ndarray:
     """Scale to unit L2 norm (cosine similarity becomes a dot product); zero stays zero."""
     vector = embedding.astype(np.float32)
@@ -94,7 +122,23 @@ class BatchOutputs:
     def unit(self) -> np.ndarray:
         return normalize_rows(self.embedding)
 
+    def ranked(self, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return row's k best class indices and their probabilities, best first, exactly
+        as top_k() ranks them; every row is ranked at once, on the first call for `k`."""
+        ranks = self._ranks.get(k)
+        if ranks is None:
+            ranks = self._ranks[k] = best_k_rows(self.probabilities, k)
+        indices = ranks[row]
+        return indices, self.probabilities[row, indices]
+
+    @cached_property
+    def _ranks(self) -> dict[int, np.ndarray]:
+        return {}
+
     def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:
         """Return row's k most probable classes, best first, exactly as top_k() would."""
-        scores = self.probabilities[row]
-        return [Prediction(i, labels[i], float(scores[i])) for i in best_k(scores, k)]
+        indices, scores = self.ranked(row, k)
+        return [
+            Prediction(int(i), labels[i], float(s))
+            for i, s in zip(indices.tolist(), scores.tolist(), strict=True)
+        ]

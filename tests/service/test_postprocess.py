@@ -11,6 +11,7 @@ from service.postprocess import (
     BatchOutputs,
     Prediction,
     best_k,
+    best_k_rows,
     encode_base64,
     normalize,
     normalize_rows,
@@ -111,6 +112,30 @@ def test_best_k_is_the_first_k_of_a_stable_full_sort(seed: int) -> None:
         scores[rng.integers(0, classes, 3)] = np.nan  # NaN sorts last, as argsort puts it
     for k in range(1, classes + 3):
         assert best_k(scores, k) == np.argsort(-scores, kind="stable")[:k].tolist()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_k_rows_ranks_each_row_as_a_stable_full_sort_does(seed: int) -> None:
+    # The whole batch at once: rows with ties at the k-th place, NaN and distinct scores mixed.
+    rng = np.random.default_rng(seed)
+    rows, classes = int(rng.integers(1, 9)), int(rng.integers(1, 60))
+    scores = rng.integers(0, 4 if seed % 2 else 1000, (rows, classes)).astype(np.float64)
+    if seed % 3 == 0:
+        scores[0, rng.integers(0, classes, 3)] = np.nan
+    for k in range(1, classes + 2):
+        ranked = best_k_rows(scores, k)
+        for row in range(rows):
+            assert ranked[row].tolist() == np.argsort(-scores[row], kind="stable")[:k].tolist()
+
+
+def test_batch_outputs_rank_every_row_once_per_k() -> None:
+    logits = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
+    outputs = BatchOutputs(logits, np.ones((4, 8), np.float32))
+    indices, scores = outputs.ranked(2, 5)
+    again, _ = outputs.ranked(2, 5)
+    assert indices.tolist() == best_k(softmax(logits[2]), 5)
+    assert np.array_equal(scores, softmax(logits[2])[indices])
+    assert again.base is indices.base  # one [B, k] array for the batch, not one per call
 
 
 def test_top_k_breaks_ties_by_lower_index_inside_the_winners() -> None:
