@@ -10,6 +10,7 @@ when it loads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.decode_batcher import DecodeBatcher
+    from service.engine.client import InputSlot
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class EngineClient(Protocol):
     def info(self) -> dict[str, Any]: ...
     def backlog_seconds(self, images: int) -> float | None: ...
     async def load(self) -> None: ...
+    async def reserve(self) -> InputSlot | None: ...
     async def submit(
         self, item: Any, deadline: float | None, want: Want | None = None
     ) -> BatchResult: ...
@@ -359,13 +362,19 @@ class InferenceService:
         if not self.ready or engine is None or self.card is None:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
-        prepared = await self._prepare(data, self.card.preprocessing)
-        stage = self.metrics.stage
-        stage(endpoint, "decode").observe(prepared.decode_seconds)
-        stage(endpoint, "preprocess").observe(prepared.preprocess_seconds)
-        self.metrics.image_pixels.observe(prepared.width * prepared.height)
-        queued[0] = True
-        result = await engine.submit(prepared.pixels, deadline, want)
+        # Behind a corridor, the crop is decoded straight into a shared-memory slot.
+        slot = await engine.reserve()
+        try:
+            prepared = await self._prepare(data, self.card.preprocessing, slot)
+            stage = self.metrics.stage
+            stage(endpoint, "decode").observe(prepared.decode_seconds)
+            stage(endpoint, "preprocess").observe(prepared.preprocess_seconds)
+            self.metrics.image_pixels.observe(prepared.width * prepared.height)
+            queued[0] = True
+            result = await engine.submit(slot or prepared.pixels, deadline, want)
+        finally:
+            if slot is not None and slot.held:
+                slot.release()
         stage(endpoint, "queue").observe(result.queue_seconds)
         stage(endpoint, "inference").observe(result.infer_seconds)
         return Outcome(
@@ -415,8 +424,14 @@ class InferenceService:
                 task.cancel()
             ticket.release_all()
 
-    async def _prepare(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
-        """Check the header on the CPU, then decode JPEGs on the device and the rest here."""
+    async def _prepare(
+        self, data: bytes, pp: imaging.Preprocessing, slot: InputSlot | None = None
+    ) -> _Prepared:
+        """Check the header on the CPU, then decode JPEGs on the device and the rest here.
+
+        With a `slot`, the CPU decoder writes the crop into it; a caller that leaves meanwhile
+        releases the slot only once the decode thread is done with it.
+        """
         loop = asyncio.get_running_loop()
         device = self._device_decoder
         if device is not None:
@@ -433,9 +448,19 @@ class InferenceService:
                     header.width,
                     header.height,
                 )
-        return await loop.run_in_executor(self._decoder, self._decode, data, pp)
+        out = None if slot is None else slot.array
+        work = self._decoder.submit(self._decode, data, pp, out)
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            if slot is not None and not work.cancel() and not work.done():
+                slot.held = False  # not to be given back until the thread stops writing it
+                work.add_done_callback(partial(_give_back_later, loop, slot))
+            raise
 
-    def _decode(self, data: bytes, pp: imaging.Preprocessing) -> _Prepared:
+    def _decode(
+        self, data: bytes, pp: imaging.Preprocessing, out: np.ndarray | None = None
+    ) -> _Prepared:
         started = time.perf_counter()
         decoded = imaging.decode_image(
             data,
@@ -443,7 +468,7 @@ class InferenceService:
             draft_size=imaging.draft_size(pp) if self.settings.jpeg_draft else None,
         )
         decoded_at = time.perf_counter()
-        pixels = imaging.crop(decoded.image, pp)
+        pixels = imaging.crop(decoded.image, pp, out=out)
         return _Prepared(
             pixels,
             decoded_at - started,
@@ -488,3 +513,9 @@ class InferenceService:
         self._state = state
         self._reason = reason
         self.metrics.ready.set(1 if self.state == "ready" else 0)
+
+
+def _give_back_later(loop: asyncio.AbstractEventLoop, slot: InputSlot, _: object) -> None:
+    """Give a slot back, on the loop's thread, once the decode thread writing it has finished."""
+    with contextlib.suppress(RuntimeError):  # the loop closed while shutting down
+        loop.call_soon_threadsafe(slot.pool.give, slot.slot)

@@ -98,6 +98,29 @@ class _Pool:
         return len(self._free)
 
 
+class InputSlot:
+    """A crop slot taken before decoding, so that the decoder writes the crop straight into
+    shared memory (`array`) and the corridor copies nothing. Submitted, or released."""
+
+    def __init__(self, conn: _Connection, pool: _Pool, slot: int) -> None:
+        self.conn = conn
+        self.pool = pool
+        self.slot = slot
+        self.array: np.ndarray = pool.slots.inputs[slot]
+        self.held = True
+
+    def hand_over(self) -> int:
+        """Pass the slot to its SUBMIT, which gives it back once answered."""
+        self.held = False
+        return self.slot
+
+    def release(self) -> None:
+        """Give the slot back unsubmitted (the decode failed, or its caller left)."""
+        if self.held:
+            self.held = False
+            self.pool.give(self.slot)
+
+
 Answer = tuple[int, int, int, float, float]  # status, batch size, k, queue s, inference s
 
 
@@ -226,23 +249,47 @@ class ProcessEngine:
         await self._connect()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
 
-    async def submit(
-        self, item: Any, deadline: float | None, want: Want | None = None
-    ) -> BatchResult:
-        conn = self._conn
-        if conn is None or conn.dead is not None or self.state != "ready":
-            raise EngineUnavailable(self.reason)
-        assert conn.outbox is not None
-        want = want or Want(embedding=True, logits=True)
-        kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
-        pool = conn.pools[kind]
+    async def reserve(self) -> InputSlot:
+        """Take a crop slot for an image about to be decoded (see InputSlot)."""
+        conn = self._ready()
+        pool = conn.pools[wire.CROPS]
         slot = pool.try_take()
         if slot is None:
             slot = await pool.take()
             if conn.dead is not None:
                 pool.give(slot)
                 raise EngineUnavailable(conn.dead)
-        np.copyto(pool.slots.inputs[slot], item)  # the one copy
+        return InputSlot(conn, pool, slot)
+
+    def _ready(self) -> _Connection:
+        conn = self._conn
+        if conn is None or conn.dead is not None or self.state != "ready":
+            raise EngineUnavailable(self.reason)
+        return conn
+
+    async def submit(
+        self, item: Any, deadline: float | None, want: Want | None = None
+    ) -> BatchResult:
+        """Run one input: an array (copied into a slot) or an InputSlot already holding it."""
+        if isinstance(item, InputSlot):
+            if item.conn is not self._conn or item.conn.dead is not None:
+                item.release()  # the engine it was taken from is gone
+                raise EngineUnavailable(item.conn.dead or "the engine restarted meanwhile")
+            conn, kind, pool, slot = item.conn, wire.CROPS, item.pool, item.hand_over()
+        else:
+            conn = self._ready()
+            kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
+            pool = conn.pools[kind]
+            taken = pool.try_take()
+            if taken is None:
+                taken = await pool.take()
+                if conn.dead is not None:
+                    pool.give(taken)
+                    raise EngineUnavailable(conn.dead)
+            slot = taken
+            np.copyto(pool.slots.inputs[slot], item)  # the one copy
+        assert conn.outbox is not None
+        want = want or Want(embedding=True, logits=True)
         request = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         conn.waiting[request] = (answer, pool, slot)

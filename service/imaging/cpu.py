@@ -80,12 +80,18 @@ def decode_image(
     return DecodedImage(rgb, fmt, width, height, len(data))
 
 
-def crop(image: Image.Image, pp: Preprocessing) -> np.ndarray:
+def crop(image: Image.Image, pp: Preprocessing, *, out: np.ndarray | None = None) -> np.ndarray:
     """Resize and center-crop like timm's eval transform; returns uint8 (3, height, width).
 
     What the batcher queues: the runtime normalises a whole batch at once, on its device.
+    With `out` (a uint8 (3, height, width) array, e.g. a shared-memory slot), the crop is
+    written there by the one copy that turns Pillow's rows into planes, and `out` returned.
     """
-    return np.ascontiguousarray(_resize_and_crop(to_rgb(image), pp).transpose(2, 0, 1))
+    planes = _resize_and_crop(to_rgb(image), pp).transpose(2, 0, 1)
+    if out is None:
+        return np.ascontiguousarray(planes)
+    np.copyto(out, planes)
+    return out
 
 
 def preprocess(image: Image.Image, pp: Preprocessing) -> np.ndarray:
