@@ -2,7 +2,8 @@
 
 1. Agreement: ONNX Runtime CUDA and TensorRT in fp32/fp16, TorchScript and eager in fp16/bf16,
    and the device JPEG decoder, each run on real photos and compared with ONNX Runtime fp32 on
-   the CPU (embedding cosine, top-1/top-5 agreement).
+   the CPU (embedding cosine, top-1/top-5 agreement); then each device JPEG decoder against the
+   exact CPU decode (bench/gpu_decode.py).
 2. SDPA probe: whether Hiera's 5-D mask-unit attention can use the fused kernels, and what a
    4-D layout would gain.
 3. Throughput: Hiera-B fp16 model-only at batch 64 and 128, and end to end (a real
@@ -137,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_agreement:
         report["agreement"] = check_paths(repo, "cuda:0", GPU_PATHS, jpeg_set(), trt_cache)
         _print_agreement(report["agreement"])
+        from bench.gpu_decode import check_device_decoders, print_rows
+
+        report["device_decoders"] = check_device_decoders(repo, trt_cache)
+        print_rows(report["device_decoders"])
     if not args.skip_model_only:
         model_figures(report, repo, args, trt_cache)
     if not args.skip_e2e:

@@ -34,7 +34,8 @@ fi
 python3 - >>"$OUT/env.txt" 2>&1 <<'PY'
 import importlib
 
-for name in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "PIL", "numpy", "fastapi"):
+for name in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "PIL", "numpy", "fastapi",
+             "nvidia.nvimgcodec"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # print what is missing and go on

@@ -121,6 +121,7 @@ class InferenceService:
         self._reason = "loading the model"
         self.engine = engine
         self.decode_device = "cpu"
+        self.device_decoder: str | None = None  # the JPEG library when decode is on a device
         self._decode_on = decode_on
         self._decoder = ThreadPoolExecutor(
             settings.decode_threads,
@@ -504,9 +505,19 @@ class InferenceService:
         from service.decode_batcher import DecodeBatcher
         from service.imaging.device import TensorDecoder
 
-        decoder = TensorDecoder(pp, where, max_pixels=self.settings.max_image_pixels)
+        decoder = TensorDecoder(
+            pp,
+            where,
+            max_pixels=self.settings.max_image_pixels,
+            decoder=self.settings.device_decoder,
+        )
         self.decode_device = where
-        log.info("JPEG decode: batched on %s; other formats on the CPU", where)
+        self.device_decoder = decoder.decoder_name
+        log.info(
+            "JPEG decode: batched on %s with %s; other formats on the CPU",
+            where,
+            decoder.decoder_name,
+        )
         return DecodeBatcher(decoder, max_batch_size=self.settings.max_batch_size)
 
     def _set_state(self, state: State, reason: str) -> None:

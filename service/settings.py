@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         "CPU path only at embedding cosine 0.989 on an H200; other formats always decode on "
         "the CPU",
     )
+    device_decoder: Literal["auto", "nvimgcodec", "torchvision"] = Field(
+        "auto",
+        description="which library decodes JPEGs on the GPU when --decode-device puts them "
+        "there: nvimgcodec (nvImageCodec, hardware JPEG decoder where the GPU has one, chroma "
+        "interpolated like Pillow's libjpeg-turbo), torchvision (nvJPEG with nearest-neighbour "
+        "chroma), or auto = nvimgcodec when installed (the gpu extra), else torchvision",
+    )
     tf32: bool = Field(
         True,
         description="let fp32 use TF32 tensor cores on GPUs (ONNX CUDA EP and torch); "

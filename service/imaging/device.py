@@ -1,15 +1,13 @@
-"""Decode JPEGs in batches with torch (nvJPEG on a GPU) and resize/crop them on that device.
+"""Decode JPEG batches on the model's device and crop them there, Pillow for what it refuses.
 
-Why torchvision's `decode_jpeg`: it takes a list of encoded images and decodes them as one
-nvJPEG batch, it is thread-safe on CUDA, it applies EXIF orientation, and it ships inside the
-torchvision wheel that the service already needs, built against the same CUDA as torch, so it
-adds no dependency that could disagree with it (nvImageCodec and DALI come as separate
-per-CUDA-major wheels). torchvision 0.29 marks it deprecated in favour of TorchCodec, which
-keeps the same call; `_decode_jpegs` is the one place to switch.
+`jpeg_decoders` decodes (nvImageCodec with fancy upsampling when installed, else torchvision's
+nvJPEG) and `batch_crop` resizes and crops, one call per source size. A JPEG the device decoder
+refuses (CMYK, arithmetic coding, damage) goes through the exact Pillow path, so it either
+decodes there or fails alone with the same ImageError the CPU path gives.
 
-The same code runs on CPU tensors (libjpeg-turbo inside torchvision), which is how the tests
-exercise it on machines without a GPU. Geometry comes from `preprocessing`, shared with the
-Pillow path, so both crop the same window; only the resampling kernels differ slightly.
+The same code runs on CPU tensors (libjpeg-turbo inside torchvision or nvImageCodec), which is
+how the tests exercise it on machines without a GPU. Geometry comes from `preprocessing`, shared
+with the Pillow path, so both crop the same window; only the resampling kernels differ slightly.
 """
 
 from __future__ import annotations
@@ -20,8 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.imaging import cpu
+from service.imaging.batch_crop import crop_batch
 from service.imaging.errors import ImageError
-from service.imaging.preprocessing import Preprocessing, crop_window, resized_size
+from service.imaging.jpeg_decoders import DeviceDecoderName, device_can_decode, open_jpeg_decoder
+from service.imaging.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,14 @@ class DecodedBatch:
 class TensorDecoder:
     """Decode a batch of JPEG uploads and crop them to the model's input on one device."""
 
-    def __init__(self, pp: Preprocessing, device: str, *, max_pixels: int) -> None:
+    def __init__(
+        self,
+        pp: Preprocessing,
+        device: str,
+        *,
+        max_pixels: int,
+        decoder: DeviceDecoderName = "auto",
+    ) -> None:
         import torch
         from torchvision.transforms import InterpolationMode
 
@@ -53,42 +60,53 @@ class TensorDecoder:
         self._torch_device = torch.device(device)
         self._max_pixels = max_pixels
         self._interpolation = InterpolationMode(pp.interpolation)
+        self._jpeg = open_jpeg_decoder(decoder, self._torch_device)
+
+    @property
+    def decoder_name(self) -> str:
+        """Say which library decodes: nvimgcodec or torchvision."""
+        return self._jpeg.name
 
     def decode_batch(self, uploads: Sequence[bytes]) -> DecodedBatch:
         """Decode `uploads` together; an image the device cannot decode goes through Pillow."""
         import torch
 
         started = time.perf_counter()
-        images, fallbacks = self._decode_all(uploads)
+        images = self._decode_all(uploads)
         decoded_at = time.perf_counter()
-        crops: list[torch.Tensor | ImageError] = []
-        for data, image in zip(uploads, images, strict=True):
-            if image is None:
-                crops.append(self._cpu_crop(data))
-            else:
-                crops.append(self._crop(image))
+        device_crops = crop_batch(images, self.pp, self._interpolation)
+        crops: list[torch.Tensor | ImageError] = [
+            self._cpu_crop(data) if crop is None else crop
+            for data, crop in zip(uploads, device_crops, strict=True)
+        ]
         if self._torch_device.type == "cuda":
             # The crops are consumed on other streams (the instances'): finish them first.
             torch.cuda.current_stream(self._torch_device).synchronize()
         done = time.perf_counter()
+        fallbacks = device_crops.count(None)
         return DecodedBatch(crops, decoded_at - started, done - decoded_at, fallbacks)
 
-    def _decode_all(self, uploads: Sequence[bytes]) -> tuple[list[torch.Tensor | None], int]:
-        """Decode as one batch; if that fails, one by one, so a bad image fails alone."""
+    def _decode_all(self, uploads: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """Decode as one batch; if that raises, one by one, so a bad image fails alone."""
+        images: list[torch.Tensor | None] = [None] * len(uploads)
+        # Frames the device decoders would decode unlike Pillow never reach them.
+        chosen = [i for i, data in enumerate(uploads) if device_can_decode(data)]
         try:
-            return list(_decode_jpegs(uploads, self._torch_device)), 0
+            decoded = self._jpeg.decode([uploads[i] for i in chosen])
+        except RuntimeError:  # torchvision rejects the whole list when one image fails
+            decoded = [self._decode_one(uploads[i]) for i in chosen]
+        for index, image in zip(chosen, decoded, strict=True):
+            images[index] = image
+        return images
+
+    def _decode_one(self, data: bytes) -> torch.Tensor | None:
+        try:
+            return self._jpeg.decode([data])[0]
         except RuntimeError:
-            pass  # nvJPEG rejects the whole list when one image fails
-        images: list[torch.Tensor | None] = []
-        for data in uploads:
-            try:
-                images.append(_decode_jpegs([data], self._torch_device)[0])
-            except RuntimeError:
-                images.append(None)  # CMYK, arithmetic coding, damage: Pillow decides
-        return images, images.count(None)
+            return None  # damage, or a JPEG the decoder lacks: Pillow decides
 
     def _cpu_crop(self, data: bytes) -> torch.Tensor | ImageError:
-        """Decode with Pillow: accepted formats nvJPEG lacks, or a genuinely corrupt file."""
+        """Decode with Pillow: JPEGs the device decoder refused, or a genuinely corrupt file."""
         import torch
 
         try:
@@ -97,29 +115,3 @@ class TensorDecoder:
             return exc
         pixels = torch.from_numpy(cpu.crop(decoded.image, self.pp))
         return pixels.to(self._torch_device, non_blocking=True)
-
-    def _crop(self, image: torch.Tensor) -> torch.Tensor:
-        """Resize the short side and center-crop, with the geometry of timm's eval transform."""
-        from torchvision.transforms.v2 import functional as tvf
-
-        crop_h, crop_w = self.pp.input_size
-        height, width = image.shape[-2:]
-        new_w, new_h = resized_size(width, height, self.pp)
-        box = crop_window(width, height, self.pp)
-        if box is not None:  # resample only the source window that lands in the crop
-            left, top, right, bottom = box
-            rows, cols = max(1, round(bottom - top)), max(1, round(right - left))
-            window = image[:, round(top) : round(top) + rows, round(left) : round(left) + cols]
-            return tvf.resize(window, [crop_h, crop_w], self._interpolation, antialias=True)
-        if (new_w, new_h) != (width, height):
-            image = tvf.resize(image, [new_h, new_w], self._interpolation, antialias=True)
-        return tvf.center_crop(image, [crop_h, crop_w]).contiguous()
-
-
-def _decode_jpegs(uploads: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    # bytearray: torch warns on read-only buffers, and the copy costs microseconds.
-    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in uploads]
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)

@@ -139,6 +139,7 @@ async def models(service: ServiceDep) -> JSONResponse:
         "devices": service.devices,
         "providers": service.providers,
         "decode_device": service.decode_device,
+        "device_decoder": service.device_decoder,
         "precision": settings.precision,
         "batching": {
             "max_batch_size": settings.max_batch_size,

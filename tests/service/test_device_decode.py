@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from model.hiera import BuiltModel
 from service.app import create_app
 from service.inference import InferenceService
 from tests.service.helpers import make_image, repository_settings, running
+from tests.service.imaging.fake_nvimgcodec import FakeNvImageCodec
 from tests.service.reference import reference
 
 
@@ -55,6 +57,37 @@ async def test_jpegs_are_decoded_by_the_tensor_decoder_and_agree_with_timm(
     for name, reply in zip(names, replies, strict=True):
         got = np.asarray(reply.json()["embedding"], np.float32)
         assert cosine(got, reference(micro_model, photos[name])[1]) >= 0.999, name
+
+
+@pytest.mark.usefixtures("tensor_decoding")
+@pytest.mark.parametrize(
+    ("wanted", "runs"),
+    [("auto", "nvimgcodec"), ("nvimgcodec", "nvimgcodec"), ("torchvision", "torchvision")],
+)
+async def test_models_says_which_jpeg_decoder_runs(
+    micro_repository: Path, monkeypatch: pytest.MonkeyPatch, wanted: str, runs: str
+) -> None:
+    fake = FakeNvImageCodec()
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", fake)
+    app = create_app(repository_settings(micro_repository, device_decoder=wanted))
+    async with running(app) as client:
+        reply = await client.post(
+            "/v1/embed", content=make_image(1), headers={"Content-Type": "image/jpeg"}
+        )
+        models = (await client.get("/v1/models")).json()["models"][0]
+
+    assert reply.status_code == 200
+    assert models["device_decoder"] == runs
+    assert [d.batches for d in fake.decoders] == ([[1]] if runs == "nvimgcodec" else [])
+
+
+async def test_models_names_no_jpeg_decoder_when_jpegs_decode_with_pillow(
+    micro_repository: Path,
+) -> None:
+    async with running(create_app(repository_settings(micro_repository))) as client:
+        models = (await client.get("/v1/models")).json()["models"][0]
+
+    assert models["decode_device"] == "cpu" and models["device_decoder"] is None
 
 
 @pytest.mark.usefixtures("tensor_decoding")
