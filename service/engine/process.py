@@ -33,6 +33,7 @@ from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
 from service.engine import wire
 from service.engine.core import Engine
 from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
+from service.engine.state import Want
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.postprocess import best_k
@@ -105,7 +106,12 @@ class _Link(wire.FrameProtocol):
             if slots is None or not 0 <= slot < slots.count:
                 status = wire.INVALID
                 return
-            result = await self.engine.submit(slots.inputs[slot], deadline or None)
+            wanted = Want(
+                top_k=top_k,
+                embedding=bool(want & wire.WANT_EMBEDDING),
+                logits=bool(want & wire.WANT_LOGITS),
+            )
+            result = await self.engine.submit(slots.inputs[slot], deadline or None, wanted)
             batch_size, queue_s, infer_s = (
                 result.batch_size,
                 result.queue_seconds,
@@ -144,14 +150,16 @@ def _write_outputs(slots: Slots, slot: int, result: Any, top_k: int, want: int) 
     k = min(top_k, slots.layout.max_k)
     if k:
         outputs = result.outputs
-        scores = outputs.probabilities[result.row] if outputs is not None else None
-        if scores is None:
+        if outputs is not None:  # ranked once per batch, on the host or on the device
+            best, scores = outputs.best(result.row, k)
+        else:
             from service.postprocess import softmax
 
-            scores = softmax(result.logits)
-        best = best_k(scores, k)
+            probabilities = softmax(result.logits)
+            best = np.asarray(best_k(probabilities, k))
+            scores = probabilities[best]
         slots.indices[slot, :k] = best
-        slots.scores[slot, :k] = scores[best]
+        slots.scores[slot, :k] = scores
     if want & wire.WANT_EMBEDDING:
         slots.embedding[slot] = result.embedding
     if want & wire.WANT_LOGITS:
