@@ -167,7 +167,8 @@ class Engine:
                 on_error=self._runtime_broken,
                 on_batch_error=self._batch_failed,
                 wait_when_idle=self.settings.batch_wait_when_idle,
-                pass_logits_wanted=True,  # a device-postprocessed batch brings logits on demand
+                # Instances that postprocess on their GPU bring the logits back only on demand.
+                pass_logits_wanted=self._every_instance("device_top_k"),
             )
             self.pool.waiting = lambda: self.batcher.queue_depth if self.batcher else 0
             await self.batcher.start()

@@ -297,7 +297,7 @@ def _eager_instances(
     return _replicate(devices, settings.instances_per_device, factory_for)
 
 
-class TorchGpuOptions(TypedDict):
+class TorchGpuOptions(TypedDict, total=False):
     """What a torch backend does on a GPU beyond running the module."""
 
     graphs: GraphFactory | None
@@ -309,7 +309,7 @@ def torch_gpu_options(settings: Settings, device: str) -> TorchGpuOptions:
     only: on the CPU a batch runs and is postprocessed as before). Postprocessing ranks the
     most classes a request may ask for (capped at the model's classes on the device)."""
     if not device.startswith("cuda"):
-        return {"graphs": None, "device_top_k": None}
+        return {}  # the backends' defaults: no graphs, host postprocessing
     from service.runtime.graphs import CudaGraphs
 
     return {

@@ -148,3 +148,15 @@ def test_a_failed_capture_leaves_the_backend_running_ungraphed(micro_model: Buil
     assert not backend.cuda_graphs
     logits, _ = backend.infer(np.zeros((2, 3, 224, 224), np.float32))
     assert logits.shape[0] == 2
+
+
+def test_graphs_and_device_postprocessing_apply_to_cuda_devices_only() -> None:
+    from service.runtime.graphs import CudaGraphs
+    from service.runtime.loader import torch_gpu_options
+    from service.settings import Settings
+
+    on = Settings(weights="random", backend="eager", max_top_k=7)
+    off = on.model_copy(update={"cuda_graphs": False})
+    assert torch_gpu_options(on, "cpu") == {}
+    assert torch_gpu_options(on, "cuda:1") == {"graphs": CudaGraphs, "device_top_k": 7}
+    assert torch_gpu_options(off, "cuda:0") == {"graphs": None, "device_top_k": 7}
