@@ -140,6 +140,9 @@ async def models(service: ServiceDep) -> JSONResponse:
         "providers": service.providers,
         "decode_device": service.decode_device,
         "precision": settings.precision,
+        # Whether every instance replays CUDA graphs / ranks and normalises on its GPU.
+        "cuda_graphs": bool(info.get("cuda_graphs")),
+        "device_postprocess": bool(info.get("device_postprocess")),
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "batch_cap": service.batch_cap,
