@@ -59,8 +59,12 @@ class OnnxBackend:
         self._graph_top_k = gpu.device_top_k
         graphed = ep.graph_provider(chosen) if gpu.cuda_graph else None
         self._capture = graphed is not None
+        # Runs outside the buckets (none in service) must not capture or replay graph id 0.
+        self._ungraphed: Any = None
         if graphed is not None:
             per_provider[chosen.index(graphed)] |= ep.graph_options(graphed)
+            self._ungraphed = ort.RunOptions()
+            self._ungraphed.add_run_config_entry("gpu_graph_id", "-1")
         self.cuda_graphs = False  # True once every bucket is captured
         self.device_top_k: int | None = None
         if ep.GPU_PROVIDERS & set(chosen):
@@ -141,7 +145,9 @@ class OnnxBackend:
             return self._replayed(batch)
         if isinstance(batch, np.ndarray):
             logits, embedding = self._session.run(
-                None, {self._input_name: batch.astype(self.input_dtype, copy=False)}
+                None,
+                {self._input_name: batch.astype(self.input_dtype, copy=False)},
+                self._ungraphed,
             )
         else:
             logits, embedding = self._run_bound(batch)
@@ -174,7 +180,7 @@ class OnnxBackend:
         if self.stream is not None:
             # Inputs were written on this stream; ORT runs on it too (user_compute_stream).
             binding.synchronize_inputs()
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._ungraphed)
         return list(binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
