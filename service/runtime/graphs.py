@@ -71,11 +71,6 @@ class BucketRunner:
         self._inputs: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    @property
-    def ready(self) -> bool:
-        """Return whether every bucket is set up."""
-        return len(self._outputs) == len(self.buckets)
-
     def prepare(self) -> None:
         """Allocate every bucket's static input and set the bucket up, largest first."""
         # Largest first: smaller graphs then reuse the shared pool's blocks instead of
@@ -147,7 +142,7 @@ class CudaGraphs(BucketRunner):
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = [out for out in self._forward(static)]
+            outputs = list(self._forward(static))
         self._graphs[bucket] = graph
         return outputs
 
