@@ -144,11 +144,8 @@ class OnnxBackend:
         if self._graphs is not None and not isinstance(batch, np.ndarray):
             return self._replayed(batch)
         if isinstance(batch, np.ndarray):
-            logits, embedding = self._session.run(
-                None,
-                {self._input_name: batch.astype(self.input_dtype, copy=False)},
-                self._ungraphed,
-            )
+            feed = {self._input_name: batch.astype(self.input_dtype, copy=False)}
+            logits, embedding = self._session.run(None, feed, self._ungraphed)
         else:
             logits, embedding = self._run_bound(batch)
         return np.asarray(logits, np.float32), np.asarray(embedding, np.float32)
@@ -180,7 +177,10 @@ class OnnxBackend:
         if self.stream is not None:
             # Inputs were written on this stream; ORT runs on it too (user_compute_stream).
             binding.synchronize_inputs()
-        self._session.run_with_iobinding(binding, self._ungraphed)
+        if self._ungraphed is not None:
+            self._session.run_with_iobinding(binding, self._ungraphed)
+        else:
+            self._session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
