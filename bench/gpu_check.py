@@ -144,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_rows(report["device_decoders"])
     if not args.skip_model_only:
         model_figures(report, repo, args, trt_cache)
+        from bench import gpu_model  # CUDA graphs, TensorRT, torch.compile; bit-identity
+
+        report["gpu_model"] = gpu_model.figures(
+            repo, args.batch_sizes, args.seconds, trt_cache, jpeg_set()
+        )
     if not args.skip_e2e:
         report["end_to_end"] = []
         layouts = [("process", "cpu", int(n)) for n in args.e2e_front_ends.split(",") if n]

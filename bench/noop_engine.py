@@ -39,7 +39,7 @@ def echo_engine(classes: int, embed_dim: int) -> None:
     embedding = rng.standard_normal((1, embed_dim), dtype=np.float32)
     outputs = BatchOutputs(logits, embedding)
 
-    def enqueue(self: Engine, item: object, deadline: object) -> object:
+    def enqueue(self: Engine, item: object, deadline: object, want: object = None) -> object:
         import asyncio
 
         answered = asyncio.get_running_loop().create_future()

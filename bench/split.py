@@ -15,8 +15,8 @@ Four measurements, each in one run so that their ratios share the same minutes o
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import os
 import shutil
 import socket

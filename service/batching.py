@@ -4,7 +4,10 @@ The batcher owns no model: it groups queued ``[3, H, W]`` items (float32 pixels,
 that the runtime normalises; numpy arrays or torch tensors) and awaits an ``infer`` callable
 (the runtime pool) that returns ``(logits [B, C], embedding [B, D])``. By default a batch is
 the items stacked into one ``[B, 3, H, W]`` numpy array; ``collate=list`` hands the runtime the
-items themselves, so it can assemble them on its own device. Up to ``concurrency`` batches are
+items themselves, so it can assemble them on its own device. A runtime that postprocesses on
+its device returns the batch's ``BatchOutputs`` instead of the pair; with ``pass_logits_wanted``
+it is called as ``infer(batch, logits)``, ``logits`` telling whether any item of the batch
+asked for the raw logits (``submit(..., logits=...)``). Up to ``concurrency`` batches are
 in flight at once, one per instance. A batch is dispatched at once when no batch is running
 (every instance idle); the ``max_delay_ms`` window applies only while others are busy, unless
 ``wait_when_idle`` asks for it always.
@@ -42,10 +45,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-InferFn = Callable[[Any], Awaitable[tuple[np.ndarray, np.ndarray]]]
+InferFn = Callable[..., Awaitable[tuple[np.ndarray, np.ndarray] | BatchOutputs]]
 CollateFn = Callable[[list[Any]], Any]
 _ITEM_DTYPES = frozenset({"float32", "uint8", "torch.float32", "torch.uint8"})
 _P = ParamSpec("_P")
+_NO_LOGITS = np.zeros(0, np.float32)  # read-only stand-in where no item asked for logits
+_NO_LOGITS.flags.writeable = False
 
 
 class BatcherError(Exception):
@@ -133,6 +138,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued_at: float
     deadline: float | None
+    logits: bool = True  # the caller needs the raw logits back
     dispatched: bool = False
     dropped: bool = False
 
@@ -154,6 +160,7 @@ class DynamicBatcher:
         clock: Callable[[], float] = time.monotonic,
         collate: CollateFn = np.stack,
         wait_when_idle: bool = False,
+        pass_logits_wanted: bool = False,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -165,6 +172,7 @@ class DynamicBatcher:
         if not (math.isfinite(max_delay_ms) and max_delay_ms >= 0):
             raise ValueError(f"max_delay_ms must be a finite number >= 0, got {max_delay_ms}")
         self._infer = infer
+        self._pass_logits_wanted = pass_logits_wanted
         self._collate = collate
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay_ms / 1000.0
@@ -226,12 +234,20 @@ class DynamicBatcher:
             raise BatcherClosed("batcher is closed; create a new DynamicBatcher to serve again")
         self._spawn_loop()
 
-    async def submit(self, item: Any, *, deadline: float | None = None) -> BatchResult:
-        """Queue one ``[3, H, W]`` item and wait for its row of the batch outputs."""
-        # Awaiting the future directly: a cancelled caller cancels it, which withdraws the item.
-        return await self.enqueue(item, deadline=deadline)
+    async def submit(
+        self, item: Any, *, deadline: float | None = None, logits: bool = True
+    ) -> BatchResult:
+        """Queue one ``[3, H, W]`` item and wait for its row of the batch outputs.
 
-    def enqueue(self, item: Any, *, deadline: float | None = None) -> asyncio.Future[BatchResult]:
+        ``logits=False`` says the caller reads no raw logits (a runtime may then not send them
+        back; the result's ``logits`` is then empty).
+        """
+        # Awaiting the future directly: a cancelled caller cancels it, which withdraws the item.
+        return await self.enqueue(item, deadline=deadline, logits=logits)
+
+    def enqueue(
+        self, item: Any, *, deadline: float | None = None, logits: bool = True
+    ) -> asyncio.Future[BatchResult]:
         """Queue one ``[3, H, W]`` item; return the future its result (or error) resolves.
 
         The entry for callers that must not cost a task per item (the engine process answers
@@ -254,7 +270,7 @@ class DynamicBatcher:
             self._observe(self._observer.dropped, "deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, loop.create_future(), now, deadline)
+        pending = _Pending(item, loop.create_future(), now, deadline, logits=logits)
         self._queue.append(pending)
         self._observe(self._observer.queue_depth, len(self._queue))
         self._wakeup.set()
@@ -409,8 +425,15 @@ class DynamicBatcher:
             self._observe(self._observer.batch_dispatched, size)
             started = self._clock()
             try:
-                logits, embedding = await self._infer(self._collate([p.item for p in batch]))
-                _check_outputs(logits, embedding, size)
+                inputs = self._collate([p.item for p in batch])
+                if self._pass_logits_wanted:
+                    produced = await self._infer(inputs, any(p.logits for p in batch))
+                else:
+                    produced = await self._infer(inputs)
+                outputs = (
+                    produced if isinstance(produced, BatchOutputs) else BatchOutputs(*produced)
+                )
+                _check_outputs(outputs, size)
             except Exception as exc:
                 elapsed = self._clock() - started
                 self._report_batch_error(exc)
@@ -429,12 +452,12 @@ class DynamicBatcher:
                 if self._image_seconds == 0
                 else 0.8 * self._image_seconds + 0.2 * per_image
             )
-            outputs = BatchOutputs(logits, embedding)
+            logits, embedding = outputs.logits, outputs.embedding
             for i, p in enumerate(batch):
                 if not p.future.done():  # a caller that left (cancel, deadline) gets nothing
                     p.future.set_result(
                         BatchResult(
-                            logits=logits[i],
+                            logits=_NO_LOGITS if logits is None else logits[i],
                             embedding=embedding[i],
                             batch_size=size,
                             queue_seconds=dispatched_at - p.enqueued_at,
@@ -523,8 +546,13 @@ def _chained(error: BatcherError, cause: BaseException) -> BatcherError:
     return error
 
 
-def _check_outputs(logits: np.ndarray, embedding: np.ndarray, size: int) -> None:
-    for name, out in (("logits", logits), ("embedding", embedding)):
+def _check_outputs(outputs: BatchOutputs, size: int) -> None:
+    named = [("logits", outputs.logits), ("embedding", outputs.embedding)]
+    if outputs.ranked is not None:
+        named += [("ranked indices", outputs.ranked[0]), ("ranked scores", outputs.ranked[1])]
+    for name, out in named:
+        if out is None:
+            continue  # logits a device-postprocessed batch did not bring back
         if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != size:
             shape = getattr(out, "shape", type(out).__name__)
             raise ValueError(

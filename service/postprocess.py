@@ -107,24 +107,52 @@ class BatchOutputs:
     """One batch's outputs, postprocessed with whole-batch numpy calls on first use.
 
     Every request of a batch reads its own row; the first one to ask pays for all rows' softmax
-    and unit vectors, so a batch of B costs one call of each instead of B.
+    and unit vectors, so a batch of B costs one call of each instead of B. A runtime that
+    postprocessed on its device (service.runtime.device_post) hands in its ranked classes and
+    unit vectors instead; `logits` is then None unless some item of the batch asked for them.
     """
 
-    def __init__(self, logits: np.ndarray, embedding: np.ndarray) -> None:
+    def __init__(
+        self,
+        logits: np.ndarray | None,
+        embedding: np.ndarray,
+        *,
+        ranked: tuple[np.ndarray, np.ndarray] | None = None,
+        unit: np.ndarray | None = None,
+    ) -> None:
+        if logits is None and ranked is None:
+            raise ValueError("BatchOutputs needs the logits or the ranked classes")
         self.logits = logits  # [B, C]
         self.embedding = embedding  # [B, D]
+        # ([B, K] class indices, [B, K] probabilities), each row best first.
+        self.ranked = ranked
+        self._unit = unit
+
+    def __len__(self) -> int:
+        return int(self.embedding.shape[0])
 
     @cached_property
     def probabilities(self) -> np.ndarray:
+        if self.logits is None:
+            raise ValueError("these outputs carry no logits (the device ranked the classes)")
         return softmax_rows(self.logits)
 
-    @cached_property
+    @property
     def unit(self) -> np.ndarray:
-        return normalize_rows(self.embedding)
+        if self._unit is None:
+            self._unit = normalize_rows(self.embedding)
+        return self._unit
 
-    def ranked(self, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return row's k best class indices and their probabilities, best first, exactly
-        as top_k() ranks them; every row is ranked at once, on the first call for `k`."""
+    def best(self, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return row's k best class indices and their probabilities, best first, exactly as
+        best_k() ranks them. Host-ranked batches rank every row at once, on the first call
+        for `k`."""
+        if self.ranked is not None and k <= self.ranked[0].shape[1]:
+            indices, scores = self.ranked
+            return indices[row, :k], scores[row, :k]
+        if self.logits is None:
+            width = 0 if self.ranked is None else self.ranked[0].shape[1]
+            raise ValueError(f"asked for top {k}, the device ranked only {width} classes")
         ranks = self._ranks.get(k)
         if ranks is None:
             ranks = self._ranks[k] = best_k_rows(self.probabilities, k)
@@ -137,8 +165,8 @@ class BatchOutputs:
 
     def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:
         """Return row's k most probable classes, best first, exactly as top_k() would."""
-        indices, scores = self.ranked(row, k)
+        indices, scores = self.best(row, k)
         return [
-            Prediction(int(i), labels[i], float(s))
+            Prediction(i, labels[i], s)
             for i, s in zip(indices.tolist(), scores.tolist(), strict=True)
         ]

@@ -105,6 +105,17 @@ class Settings(BaseSettings):
         description="TensorRT engine and timing caches; keep it on a volume so restarts skip "
         "the engine build",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="torchscript and eager backends on CUDA devices: capture one CUDA graph "
+        "per batch-size bucket at start-up and replay it (no effect on the CPU or on onnx); "
+        "--no-cuda-graphs to run every batch eagerly",
+    )
+    onnx_cuda_graphs: bool = Field(
+        False,
+        description="onnx backend on CUDA devices: let ONNX Runtime's GPU provider capture "
+        "one CUDA graph per batch-size bucket and replay it (opt-in)",
+    )
 
     # Batching and admission.
     max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch sent to a model")

@@ -117,11 +117,20 @@ class Engine:
             "instances": self.pool.size if self.pool is not None else 0,
             "solo_instance": bool(self.pool is not None and self.pool.solo),
             "batch_cap": self.batch_cap,
+            # Whether every instance replays CUDA graphs / ranks and normalises on its device.
+            "cuda_graphs": self._every_instance("cuda_graphs"),
+            "device_postprocess": self._every_instance("device_top_k"),
             "ms_per_image_by_batch_size": {
                 str(size): round(1e3 * t, 3)
                 for size, t in (self.pool.per_image_seconds if self.pool else {}).items()
             },
         }
+
+    def _every_instance(self, feature: str) -> bool:
+        backends = [i.backend for i in self.pool.all_instances] if self.pool is not None else []
+        return bool(backends) and all(
+            getattr(backend, feature, None) not in (None, False) for backend in backends
+        )
 
     async def load(self) -> None:
         """Plan, build and warm every instance, then start batching; failures flip the state."""
@@ -158,6 +167,8 @@ class Engine:
                 on_error=self._runtime_broken,
                 on_batch_error=self._batch_failed,
                 wait_when_idle=self.settings.batch_wait_when_idle,
+                # Instances that postprocess on their GPU bring the logits back only on demand.
+                pass_logits_wanted=self._every_instance("device_top_k"),
             )
             self.pool.waiting = lambda: self.batcher.queue_depth if self.batcher else 0
             await self.batcher.start()
@@ -195,18 +206,23 @@ class Engine:
     async def submit(
         self, item: Any, deadline: float | None, want: Want | None = None
     ) -> BatchResult:
-        """Batch and run one `[3, H, W]` input; raises the batcher's errors. `want` is a hint
-        for engines behind a corridor (what to send back); in process every output is there."""
-        return await self.enqueue(item, deadline)
+        """Batch and run one `[3, H, W]` input; raises the batcher's errors. `want` says what
+        the caller reads: engines behind a corridor send only that back, and a batch that
+        none of whose items wants the logits may leave them on the device (result.logits is
+        then empty); top-k and embeddings are always there. None: everything."""
+        return await self.enqueue(item, deadline, want)
 
-    def enqueue(self, item: Any, deadline: float | None) -> asyncio.Future[BatchResult]:
+    def enqueue(
+        self, item: Any, deadline: float | None, want: Want | None = None
+    ) -> asyncio.Future[BatchResult]:
         """Queue one input without a task of its own; see DynamicBatcher.enqueue."""
         batcher = self.batcher
         if batcher is None:
             from service.errors import NotReady
 
             raise NotReady(self.reason)
-        return batcher.enqueue(item, deadline=deadline)
+        logits = want is None or want.logits
+        return batcher.enqueue(item, deadline=deadline, logits=logits)
 
     def fail(self, exc: BaseException) -> None:
         """Mark the engine failed after a load failure, a backend error or a dead worker."""

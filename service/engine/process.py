@@ -32,6 +32,7 @@ from service.batching import BatcherClosed, BatchResult, DeadlineExceeded, Queue
 from service.engine import wire
 from service.engine.core import Engine
 from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
+from service.engine.state import Want
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.postprocess import BatchOutputs
@@ -98,8 +99,13 @@ class _Link(wire.FrameProtocol):
         if slots is None or not 0 <= slot < slots.count:
             self._answer(request, wire.INVALID)
             return
+        wanted = Want(
+            top_k=top_k,
+            embedding=bool(want & wire.WANT_EMBEDDING),
+            logits=bool(want & wire.WANT_LOGITS),
+        )
         try:
-            future = self.engine.enqueue(slots.inputs[slot], deadline or None)
+            future = self.engine.enqueue(slots.inputs[slot], deadline or None, wanted)
         except Exception as exc:
             self._answer(request, _status(exc))
             return
@@ -178,7 +184,8 @@ def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, wan
     k = min(top_k, slots.layout.max_k)
     if k:
         outputs = result.outputs or BatchOutputs(result.logits[None, :], result.embedding[None])
-        indices, scores = outputs.ranked(result.row if result.outputs else 0, k)
+        # Ranked once per batch, on the host or on the device.
+        indices, scores = outputs.best(result.row if result.outputs else 0, k)
         slots.indices[slot, :k] = indices
         slots.scores[slot, :k] = scores
     if want & wire.WANT_EMBEDDING:

@@ -141,6 +141,9 @@ async def models(service: ServiceDep) -> JSONResponse:
         "decode_device": service.decode_device,
         "device_decoder": service.device_decoder,
         "precision": settings.precision,
+        # Whether every instance replays CUDA graphs / ranks and normalises on its GPU.
+        "cuda_graphs": bool(info.get("cuda_graphs")),
+        "device_postprocess": bool(info.get("device_postprocess")),
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "batch_cap": service.batch_cap,

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from model.artifacts import ArtifactKind, Manifest, ModelRepository, RepositoryError
 from model.artifacts import Preprocessing as ManifestPreprocessing
@@ -23,6 +24,9 @@ from service.imaging import Preprocessing
 from service.runtime.base import Backend, BackendError
 from service.runtime.devices import resolve_devices, runtime_gpu_support
 from service.settings import Settings, available_cores
+
+if TYPE_CHECKING:
+    from service.runtime.torch_backends import GraphFactory
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +247,8 @@ def _artifact_factory(
         mem_limit_bytes=settings.gpu_mem_limit_bytes,
         trt_cache_dir=settings.trt_cache_dir,
         trt_fp16=settings.precision == "fp16",
+        cuda_graph=settings.onnx_cuda_graphs,
+        device_top_k=settings.max_top_k,
         max_batch_size=settings.max_batch_size,
         input_shape=(3, height, width),
     )
@@ -251,7 +257,12 @@ def _artifact_factory(
         if settings.backend == "torchscript":
             from service.runtime.torch_backends import load_torchscript
 
-            return lambda: load_torchscript(artifact, device=device, precision=settings.precision)
+            return lambda: load_torchscript(
+                artifact,
+                device=device,
+                precision=settings.precision,
+                **torch_gpu_options(settings, device),
+            )
         from service.runtime.onnx import OnnxBackend
 
         # The fp16 artifact is already half precision; the session itself runs as exported.
@@ -276,10 +287,35 @@ def _eager_instances(
     def factory_for(device: str) -> BackendFactory:
         # Each instance owns its copy: no weights shared across worker threads or devices.
         return lambda: TorchBackend(
-            copy.deepcopy(built.module), name="eager", device=device, precision=settings.precision
+            copy.deepcopy(built.module),
+            name="eager",
+            device=device,
+            precision=settings.precision,
+            **torch_gpu_options(settings, device),
         )
 
     return _replicate(devices, settings.instances_per_device, factory_for)
+
+
+class TorchGpuOptions(TypedDict, total=False):
+    """What a torch backend does on a GPU beyond running the module."""
+
+    graphs: GraphFactory | None
+    device_top_k: int | None
+
+
+def torch_gpu_options(settings: Settings, device: str) -> TorchGpuOptions:
+    """Return CUDA graphs and device postprocessing for a torch backend on `device` (CUDA
+    only: on the CPU a batch runs and is postprocessed as before). Postprocessing ranks the
+    most classes a request may ask for (capped at the model's classes on the device)."""
+    if not device.startswith("cuda"):
+        return {}  # the backends' defaults: no graphs, host postprocessing
+    from service.runtime.graphs import CudaGraphs
+
+    return {
+        "graphs": CudaGraphs if settings.cuda_graphs else None,
+        "device_top_k": settings.max_top_k,
+    }
 
 
 def _replicate(

@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.postprocess import BatchOutputs
 from service.runtime import providers as ep
 from service.runtime.base import BackendError
 
 if TYPE_CHECKING:
     import torch
+
+    from service.runtime.onnx_graphs import OrtGraphs
 
 # Kept for callers that import it from here.
 choose_providers = ep.choose_providers
@@ -50,6 +53,20 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.stream: torch.cuda.Stream | None = None
         per_provider = [ep.provider_options(p, self._device_id, gpu) for p in chosen]
+        # CUDA graphs (opt-in): the first GPU provider captures them; `prepare` binds the
+        # static buffers. The device then also ranks and normalises (device_post).
+        self._graphs: OrtGraphs | None = None
+        self._graph_top_k = gpu.device_top_k
+        graphed = ep.graph_provider(chosen) if gpu.cuda_graph else None
+        self._capture = graphed is not None
+        # Runs outside the buckets (none in service) must not capture or replay graph id 0.
+        self._ungraphed: Any = None
+        if graphed is not None:
+            per_provider[chosen.index(graphed)] |= ep.graph_options(graphed)
+            self._ungraphed = ort.RunOptions()
+            self._ungraphed.add_run_config_entry("gpu_graph_id", "-1")
+        self.cuda_graphs = False  # True once every bucket is captured
+        self.device_top_k: int | None = None
         if ep.GPU_PROVIDERS & set(chosen):
             _preload_cuda_libraries(ort)
             if ep.TENSORRT in chosen and gpu.trt_cache_dir is not None:
@@ -84,15 +101,62 @@ class OnnxBackend:
         self._output_names = [o.name for o in self._session.get_outputs()]
         self.input_dtype = "float16" if meta.type == "tensor(float16)" else "float32"
 
+    def prepare(self, max_batch_size: int, input_shape: tuple[int, ...]) -> None:
+        """Capture one CUDA graph per batch bucket, if asked to; a failure fails the start."""
+        if not self._capture:
+            return
+        import torch
+
+        from service.runtime.graphs import StaticSpec
+        from service.runtime.onnx_graphs import OrtGraphs
+
+        dtype = torch.float16 if self.input_dtype == "float16" else torch.float32
+        spec = StaticSpec(max_batch_size, input_shape, dtype, torch.device(self.device))
+        try:
+            runner = OrtGraphs(self._session, spec)
+            with torch.cuda.stream(self.stream):
+                runner.prepare()
+            torch.cuda.synchronize(spec.device)
+        except Exception as exc:
+            # A session built to capture cannot be trusted to run un-graphed: refuse to serve.
+            raise BackendError(
+                f"ONNX Runtime could not capture CUDA graphs on {self.device}: {exc}; serve "
+                "without --onnx-cuda-graphs"
+            ) from exc
+        self._graphs = runner
+        self.cuda_graphs = True
+        self.device_top_k = self._graph_top_k
+
+    def infer_outputs(self, batch: Any, *, logits: bool) -> BatchOutputs:
+        """Replay a batch's graph and postprocess its device outputs there (device_post)."""
+        import torch
+
+        from service.runtime.device_post import postprocess
+
+        if self._graphs is None or self.device_top_k is None:
+            raise BackendError("this instance postprocesses on the host; call infer()")
+        with torch.cuda.stream(self.stream):
+            out_logits, embedding = self._graphs(batch)
+            return postprocess(out_logits, embedding, top_k=self.device_top_k, want_logits=logits)
+
     def infer(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         """Run a numpy batch, or a torch tensor already on this instance's GPU (no host copy)."""
+        if self._graphs is not None and not isinstance(batch, np.ndarray):
+            return self._replayed(batch)
         if isinstance(batch, np.ndarray):
-            logits, embedding = self._session.run(
-                None, {self._input_name: batch.astype(self.input_dtype, copy=False)}
-            )
+            feed = {self._input_name: batch.astype(self.input_dtype, copy=False)}
+            logits, embedding = self._session.run(None, feed, self._ungraphed)
         else:
             logits, embedding = self._run_bound(batch)
         return np.asarray(logits, np.float32), np.asarray(embedding, np.float32)
+
+    def _replayed(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        assert self._graphs is not None
+        with torch.cuda.stream(self.stream):
+            logits, embedding = self._graphs(batch)
+            return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
 
     def _run_bound(self, batch: torch.Tensor) -> list[np.ndarray]:
         """Hand ORT the device tensor's memory through I/O binding; outputs come back small."""
@@ -113,10 +177,14 @@ class OnnxBackend:
         if self.stream is not None:
             # Inputs were written on this stream; ORT runs on it too (user_compute_stream).
             binding.synchronize_inputs()
-        self._session.run_with_iobinding(binding)
+        if self._ungraphed is not None:
+            self._session.run_with_iobinding(binding, self._ungraphed)
+        else:
+            self._session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
+        self._graphs = None
         del self._session
 
 

@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from service.postprocess import BatchOutputs
 from service.runtime.base import Backend
 from service.runtime.feed import Feeder
 from service.runtime.loader import BackendFactory
 from service.runtime.threads import lower_priority
 
 log = logging.getLogger(__name__)
+
+Outputs = tuple[np.ndarray, np.ndarray] | BatchOutputs
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,16 @@ class Instance:
     batches: int = 0
     busy_since: float | None = None  # monotonic start of the running batch, for the watchdog
 
-    def run(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Assemble the batch on this instance's device and run it; called on `thread`."""
-        return self.backend.infer(self.feeder(items))
+    def run(self, items: Sequence[Any], logits: bool = True) -> Outputs:
+        """Assemble the batch on this instance's device and run it; called on `thread`.
+
+        A backend that postprocesses on its device returns the batch's BatchOutputs, with the
+        logits only if `logits` (some item asked for them); others return (logits, embedding).
+        """
+        batch = self.feeder(items)
+        if getattr(self.backend, "device_top_k", None) is not None:
+            return self.backend.infer_outputs(batch, logits=logits)  # type: ignore[attr-defined]
+        return self.backend.infer(batch)
 
 
 class RuntimePool:
@@ -118,6 +128,9 @@ class RuntimePool:
                 )
                 instance = Instance(index, device, backend, feeder, thread)
                 instances.append(instance)
+                prepare = getattr(backend, "prepare", None)
+                if prepare is not None:  # CUDA graphs, captured before the warm-up replays them
+                    await asyncio.wrap_future(thread.submit(prepare, max_batch_size, inputs.shape))
                 seconds = await asyncio.wrap_future(
                     thread.submit(_warm_up, instance, inputs.shape, max_batch_size)
                 )
@@ -168,12 +181,13 @@ class RuntimePool:
         """Every instance, the solo one last."""
         return [*self.instances, *([self.solo] if self.solo else [])]
 
-    async def infer(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Run the queued images `items` as one batch on the next free instance's thread."""
+    async def infer(self, items: Sequence[Any], logits: bool = True) -> Outputs:
+        """Run the queued images `items` as one batch on the next free instance's thread;
+        `logits`: whether some item needs the raw logits back (see Instance.run)."""
         instance = await self._take()
         try:
             instance.busy_since = time.monotonic()
-            future = instance.thread.submit(instance.run, items)
+            future = instance.thread.submit(instance.run, items, logits)
             result = await asyncio.wrap_future(future)
             instance.batches += 1
             return result

@@ -38,6 +38,8 @@ class GpuOptions:
     mem_limit_bytes: int = 0  # 0: no limit beyond the card's memory
     trt_cache_dir: Path | None = None
     trt_fp16: bool = False
+    cuda_graph: bool = False  # the first GPU provider captures graphs (service.runtime.onnx)
+    device_top_k: int | None = None  # with graphs, rank this many classes on the device
     max_batch_size: int = 8
     input_name: str = "images"
     input_shape: tuple[int, int, int] = (3, 224, 224)
@@ -108,6 +110,23 @@ def provider_options(provider: str, device_id: int, gpu: GpuOptions) -> dict[str
             }
         return options
     return {}
+
+
+def graph_provider(chosen: Sequence[str]) -> str | None:
+    """Return the provider that captures CUDA graphs: the first GPU one (None on the CPU).
+
+    Only one: ONNX Runtime replays the graph of one provider, which must own every node.
+    """
+    return next((p for p in chosen if p in GPU_PROVIDERS), None)
+
+
+def graph_options(provider: str) -> dict[str, str]:
+    """Return the options that turn CUDA graph capture on for GPU provider `provider`."""
+    if provider == CUDA:
+        return {"enable_cuda_graph": "1"}
+    if provider == TENSORRT:
+        return {"trt_cuda_graph_enable": "1"}
+    raise ValueError(f"{provider} cannot capture CUDA graphs")
 
 
 def verify(

@@ -21,6 +21,7 @@ from service.batching import (
     NullObserver,
     QueueFull,
 )
+from service.postprocess import BatchOutputs
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -754,6 +755,82 @@ async def test_malformed_infer_output_is_an_inference_failure() -> None:
     assert all(isinstance(o, InferenceFailed) for o in outcomes)
     assert isinstance(errors[0], ValueError) and "one row per input" in str(errors[0])
     await batcher.close()
+
+
+# -- outputs postprocessed by the runtime ---------------------------------------------------
+
+
+class DeviceRankedModel:
+    """Return each batch as a device-postprocessed runtime does: ranked, logits on demand."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, bool]] = []  # (batch size, logits wanted)
+
+    async def __call__(self, batch: list[np.ndarray], logits: bool) -> BatchOutputs:
+        self.asked.append((len(batch), logits))
+        rows = np.stack([item.reshape(-1)[:K] for item in batch])
+        order = np.argsort(-rows, axis=1, kind="stable")[:, :2]
+        return BatchOutputs(
+            rows if logits else None,
+            np.stack([np.full(D, item.mean(), np.float32) for item in batch]),
+            ranked=(order, np.take_along_axis(rows, order, axis=1).astype(np.float64)),
+            unit=np.zeros((len(batch), D), np.float32),
+        )
+
+
+async def test_infer_hears_whether_any_item_of_the_batch_wants_logits() -> None:
+    model = DeviceRankedModel()
+    batcher = DynamicBatcher(
+        model, collate=list, max_batch_size=2, max_delay_ms=10_000, max_queue_size=8,
+        pass_logits_wanted=True,
+    )  # fmt: skip
+    await batcher.start()
+    items = [make_item(seed) for seed in range(4)]
+    first = await asyncio.gather(
+        batcher.submit(items[0], logits=False), batcher.submit(items[1], logits=False)
+    )
+    second = await asyncio.gather(
+        batcher.submit(items[2], logits=False), batcher.submit(items[3], logits=True)
+    )
+    await batcher.close()
+    assert model.asked == [(2, False), (2, True)]
+    assert [r.logits.shape for r in first] == [(0,), (0,)]
+    np.testing.assert_array_equal(second[0].logits, items[2].reshape(-1)[:K])
+    for result, item in zip([*first, *second], items, strict=True):
+        assert result.outputs is not None
+        best = np.argsort(-item.reshape(-1)[:K], kind="stable")[:2]
+        assert result.outputs.best(result.row, 2)[0].tolist() == best.tolist()
+        np.testing.assert_array_equal(result.embedding, np.full(D, item.mean(), np.float32))
+
+
+async def test_without_the_flag_infer_is_called_with_the_batch_alone() -> None:
+    model = FakeModel()
+    batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_size=4)
+    await batcher.start()
+    result = await batcher.submit(make_item(5), logits=False)  # a hint this infer ignores
+    await batcher.close()
+    np.testing.assert_array_equal(result.logits, expected(make_item(5))[0])
+
+
+async def test_ranked_outputs_with_the_wrong_rows_are_an_inference_failure() -> None:
+    async def short_ranking(batch: np.ndarray) -> BatchOutputs:
+        rows = len(batch)
+        return BatchOutputs(
+            None, np.zeros((rows, D), np.float32), ranked=(np.zeros((1, 2)), np.zeros((1, 2)))
+        )
+
+    errors: list[BaseException] = []
+    batcher = DynamicBatcher(
+        short_ranking, max_batch_size=2, max_delay_ms=10_000, max_queue_size=4,
+        on_error=errors.append,
+    )  # fmt: skip
+    await batcher.start()
+    outcomes = await asyncio.gather(
+        *submit_all(batcher, [make_item(0), make_item(1)]), return_exceptions=True
+    )
+    await batcher.close()
+    assert all(isinstance(o, InferenceFailed) for o in outcomes)
+    assert "ranked indices" in str(errors[0])
 
 
 # -- misc -----------------------------------------------------------------------------------

@@ -131,8 +131,8 @@ def test_best_k_rows_ranks_each_row_as_a_stable_full_sort_does(seed: int) -> Non
 def test_batch_outputs_rank_every_row_once_per_k() -> None:
     logits = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
     outputs = BatchOutputs(logits, np.ones((4, 8), np.float32))
-    indices, scores = outputs.ranked(2, 5)
-    again, _ = outputs.ranked(2, 5)
+    indices, scores = outputs.best(2, 5)
+    again, _ = outputs.best(2, 5)
     assert indices.tolist() == best_k(softmax(logits[2]), 5)
     assert np.array_equal(scores, softmax(logits[2])[indices])
     assert again.base is indices.base  # one [B, k] array for the batch, not one per call

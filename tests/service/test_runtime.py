@@ -22,6 +22,7 @@ import service.runtime.onnx as onnx_module
 from model.artifacts import ManifestMismatch, RepositoryError, VariantRecord
 from model.hiera import BuiltModel, build
 from model.variants import Variant
+from service.postprocess import BatchOutputs
 from service.runtime.base import BackendError
 from service.runtime.devices import resolve_devices
 from service.runtime.loader import _rebuild, export_on_the_fly, open_repository, plan
@@ -800,6 +801,41 @@ async def test_start_warms_every_instance_at_every_batch_size() -> None:
         for backend in factories.built:
             assert [size for _, size in backend.calls] == [1, 2, 3, 4]
         assert all(i.batches == 0 for i in pool.instances)  # warm-up is not counted
+    finally:
+        await pool.close()
+
+
+class PreparedBackend(FakeBackend):
+    """Records its prepare() and, like a device-postprocessing backend, ranks on request."""
+
+    device_top_k = 2
+
+    def __init__(self, device: str, tag: float) -> None:
+        super().__init__(device, tag)
+        self.prepared: list[tuple[int, tuple[int, ...]]] = []
+        self.logits_asked: list[bool] = []
+
+    def prepare(self, max_batch_size: int, input_shape: tuple[int, ...]) -> None:
+        assert not self.calls, "prepared after a warm-up batch"
+        self.prepared.append((max_batch_size, input_shape))
+
+    def infer_outputs(self, batch: np.ndarray, *, logits: bool) -> BatchOutputs:
+        self.logits_asked.append(logits)
+        produced, embedding = self.infer(batch)
+        ranked = (np.zeros((len(batch), 2), np.int64), np.zeros((len(batch), 2)))
+        return BatchOutputs(produced if logits else None, embedding, ranked=ranked)
+
+
+async def test_instances_are_prepared_before_their_warm_up_and_postprocess_on_request() -> None:
+    backend = PreparedBackend("cpu", tag=0.0)
+    pool = await RuntimePool.start([("cpu", lambda: backend)], inputs=INPUTS, max_batch_size=3)
+    try:
+        assert backend.prepared == [(3, (3, 3, 3))]
+        assert [size for _, size in backend.calls] == [1, 2, 3]
+        outputs = await pool.infer([SAMPLE, SAMPLE], logits=False)
+        assert isinstance(outputs, BatchOutputs) and outputs.logits is None
+        assert len(outputs) == 2
+        assert backend.logits_asked == [True, True, True, False]  # the warm-up brings all back
     finally:
         await pool.close()
 

@@ -368,3 +368,10 @@ def test_int8_onnx_cpu_is_accepted() -> None:
     assert Settings(weights="random", backend="onnx", device="cpu", precision="int8").precision == (
         "int8"
     )
+
+
+def test_cuda_graph_flags_come_in_both_polarities() -> None:
+    defaults = from_cli("--weights", "random")
+    assert defaults.cuda_graphs is True and defaults.onnx_cuda_graphs is False
+    flipped = from_cli("--weights", "random", "--no-cuda-graphs", "--onnx-cuda-graphs")
+    assert flipped.cuda_graphs is False and flipped.onnx_cuda_graphs is True

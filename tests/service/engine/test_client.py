@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import imaging
 from service.batching import DeadlineExceeded
+from service.engine import wire
 from service.engine.client import ProcessEngine
 from service.engine.core import Engine
 from service.engine.errors import EngineUnavailable
@@ -276,3 +279,43 @@ async def test_front_ends_share_the_engines_capacity(
         assert two.admit(1).left == 1  # the room one front end gave back, the other may take
         most.release_all()
         assert one.admission.outstanding == 1
+
+
+async def test_uploads_are_decoded_into_their_slot_which_a_leaving_caller_frees_only_after(
+    micro_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The crop is written by the decoder straight into shared memory: the slot the SUBMIT
+    # names holds exactly the crop the CPU path makes. A caller that leaves while its image is
+    # still decoding must not free the slot the decode thread is writing.
+    settings = _settings(micro_repository)
+    path = tmp_path / "engine.sock"
+    started, release = threading.Event(), threading.Event()
+    written: list[np.ndarray] = []
+    real_decode = InferenceService._decode
+
+    def slow_decode(self: InferenceService, data: bytes, pp: Any, out: Any = None) -> Any:
+        started.set()
+        release.wait(10)
+        prepared = real_decode(self, data, pp, out)
+        written.append(prepared.pixels)
+        return prepared
+
+    async with engine_server(settings, path), front_end(settings, path) as split:
+        engine = split.engine
+        assert isinstance(engine, ProcessEngine) and engine._conn is not None
+        crops = engine._conn.pools[wire.CROPS]
+        monkeypatch.setattr(InferenceService, "_decode", slow_decode)
+        leaving = asyncio.create_task(_predict(split, 3))
+        await asyncio.to_thread(started.wait, 10)
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert crops.free == crops.slots.count - 1  # still the decode thread's
+        release.set()
+        await wait_until(lambda: crops.free == crops.slots.count)
+        assert written and np.shares_memory(written[0], crops.slots.inputs)
+        assert split.card is not None
+        image = imaging.decode_image(make_image(3), max_pixels=10**8).image
+        np.testing.assert_array_equal(written[0], imaging.crop(image, split.card.preprocessing))
+        outcome = await _predict(split, 3)  # the slot serves the next upload as usual
+    assert outcome.result.batch_size == 1
