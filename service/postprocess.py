@@ -155,12 +155,12 @@ class BatchOutputs:
             raise ValueError(f"asked for top {k}, the device ranked only {width} classes")
         ranks = self._ranks.get(k)
         if ranks is None:
-            ranks = self._ranks[k] = best_k_rows(self.probabilities, k)
-        indices = ranks[row]
-        return indices, self.probabilities[row, indices]
+            indices = best_k_rows(self.probabilities, k)
+            ranks = self._ranks[k] = (indices, np.take_along_axis(self.probabilities, indices, 1))
+        return ranks[0][row], ranks[1][row]
 
     @cached_property
-    def _ranks(self) -> dict[int, np.ndarray]:
+    def _ranks(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return {}
 
     def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:

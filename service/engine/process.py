@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -99,13 +100,8 @@ class _Link(wire.FrameProtocol):
         if slots is None or not 0 <= slot < slots.count:
             self._answer(request, wire.INVALID)
             return
-        wanted = Want(
-            top_k=top_k,
-            embedding=bool(want & wire.WANT_EMBEDDING),
-            logits=bool(want & wire.WANT_LOGITS),
-        )
         try:
-            future = self.engine.enqueue(slots.inputs[slot], deadline or None, wanted)
+            future = self.engine.enqueue(slots.inputs[slot], deadline or None, _want(top_k, want))
         except Exception as exc:
             self._answer(request, _status(exc))
             return
@@ -164,6 +160,16 @@ class _Link(wire.FrameProtocol):
             await asyncio.sleep(0)
         self.board.clear(self.cell)
         log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(inputs))
+
+
+@functools.lru_cache(maxsize=1024)
+def _want(top_k: int, bits: int) -> Want:
+    """Return the Want a SUBMIT's fields spell (a handful of distinct ones: made once each)."""
+    return Want(
+        top_k=top_k,
+        embedding=bool(bits & wire.WANT_EMBEDDING),
+        logits=bool(bits & wire.WANT_LOGITS),
+    )
 
 
 def _status(exc: BaseException) -> int:
