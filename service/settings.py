@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         "interpolated like Pillow's libjpeg-turbo), torchvision (nvJPEG with nearest-neighbour "
         "chroma), or auto = nvimgcodec when installed (the gpu extra), else torchvision",
     )
+    jpeg_slot_bytes: int = Field(
+        4 * 2**20,
+        ge=0,
+        description="with --engine process and device decode: the largest JPEG a front end "
+        "passes to its engine undecoded (at most --max-body-bytes); a larger one is decoded "
+        "on the front end's CPU. Each front end holds one such slot per image the engine "
+        "admits, in shared memory touched only as uploads fill it; 0 = front ends decode all",
+    )
     tf32: bool = Field(
         True,
         description="let fp32 use TF32 tensor cores on GPUs (ONNX CUDA EP and torch); "
@@ -269,11 +277,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "precision int8 is the quantized ONNX artifact for the CPU: use --backend onnx "
                 "with --device cpu (or auto on a host without a GPU)"
-            )
-        if self.engine == "process" and self.decode_device != "cpu":
-            raise ValueError(
-                "--engine process decodes on the workers' CPUs; device decode (--decode-device "
-                f"{self.decode_device}) needs --engine inline"
             )
         if self.decode_device == "cuda" and self.device == "cpu":
             raise ValueError(

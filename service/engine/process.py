@@ -4,6 +4,9 @@
 on a Unix socket. Each front end that connects gets the model card, the board (capacity, pace,
 health) and a cell on it; it sends its slots' memory back. From then on it sends SUBMIT and
 CANCEL frames and gets one RESULT per SUBMIT, the outputs written into the input's slot.
+With device decode (--decode-device cuda, or auto with the model on a GPU) the engine also
+takes JPEG bytes (the JPEGS pool), decodes and crops them in batches on its device, then
+queues the crops like any other input.
 
 A front end that goes away has its queued inputs dropped and its cell cleared once none of its
 inputs is left in the engine. SIGTERM drains: queued and running work finishes within the drain
@@ -26,15 +29,18 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
 from service.batching import BatcherClosed, BatchResult, DeadlineExceeded, QueueFull
+from service.decode_batcher import DecodeBatcher, start_device_decoder
 from service.engine import wire
 from service.engine.core import Engine
 from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
 from service.engine.state import Want
 from service.errors import NotReady
+from service.imaging.errors import ImageError
 from service.metrics import Metrics
 from service.postprocess import BatchOutputs
 from service.settings import Settings
@@ -47,23 +53,39 @@ BEAT_S = 0.25  # how often the board's heartbeat and pace are refreshed
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
+class _Decoded(NamedTuple):
+    """A JPEG input's outputs, with the time its decode batch took."""
+
+    result: BatchResult
+    decode_seconds: float
+    preprocess_seconds: float
+
+
 class _Link(wire.FrameProtocol):
     """One front end's connection: its slots, its inputs in the engine, its board cell.
 
     Each SUBMIT is queued in the batcher with a callback that writes the outputs and the
-    RESULT: no task per input (a task costs its creation, its name and a loop turn).
+    RESULT: no task per input (a task costs its creation, its name and a loop turn). A JPEG
+    is the exception: a task decodes it, then queues the crop.
     """
 
     def __init__(
-        self, engine: Engine, board: Board, cell: int, pools: dict[int, Slots], pid: int
+        self,
+        engine: Engine,
+        board: Board,
+        cell: int,
+        pools: dict[int, Slots],
+        pid: int,
+        decoder: DecodeBatcher | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
+        self.decoder = decoder
         self.board = board
         self.cell = cell
         self.pools = pools
         self.pid = pid
-        self.inputs: dict[int, asyncio.Future[BatchResult]] = {}  # by request id
+        self.inputs: dict[int, asyncio.Future[BatchResult | _Decoded]] = {}  # by request id
         self.open = True
         self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
 
@@ -94,19 +116,53 @@ class _Link(wire.FrameProtocol):
             self.close()
 
     def _submit(
-        self, request: int, pool: int, slot: int, top_k: int, want: int, deadline: float
+        self,
+        request: int,
+        pool: int,
+        slot: int,
+        top_k: int,
+        want: int,
+        deadline: float,
+        length: int,
     ) -> None:
         slots = self.pools.get(pool)
         if slots is None or not 0 <= slot < slots.count:
             self._answer(request, wire.INVALID)
             return
-        try:
-            future = self.engine.enqueue(slots.inputs[slot], deadline or None, _want(top_k, want))
-        except Exception as exc:
-            self._answer(request, _status(exc))
-            return
+        future: asyncio.Future[BatchResult | _Decoded]
+        if pool == wire.JPEGS:
+            if self.decoder is None or not 0 < length <= slots.layout.input_bytes:
+                self._answer(request, wire.INVALID)
+                return
+            data = bytes(slots.inputs[slot, :length])  # the slot's input area holds errors next
+            run = self._decode_then_run(data, deadline or None, _want(top_k, want))
+            future = asyncio.get_running_loop().create_task(run)
+        else:
+            try:
+                future = self.engine.enqueue(  # type: ignore[assignment]
+                    slots.inputs[slot], deadline or None, _want(top_k, want)
+                )
+            except Exception as exc:
+                self._answer(request, _status(exc))
+                return
         self.inputs[request] = future
         future.add_done_callback(partial(self._ran, request, slots, slot, top_k, want))
+
+    async def _decode_then_run(self, data: bytes, deadline: float | None, want: Want) -> _Decoded:
+        """Decode and crop one JPEG on the device (batched with others), then queue the crop."""
+        assert self.decoder is not None
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                crop = await self.decoder.decode(data)
+        except asyncio.CancelledError:
+            # Its caller left before the crop was queued: the batcher never saw it.
+            self.engine.metrics.dropped.labels(reason="cancelled").inc()
+            raise
+        except TimeoutError:
+            self.engine.metrics.dropped.labels(reason="deadline").inc()
+            raise DeadlineExceeded("deadline passed while the image was decoded") from None
+        result = await self.engine.enqueue(crop.pixels, deadline, want)
+        return _Decoded(result, crop.decode_seconds, crop.preprocess_seconds)
 
     def _ran(
         self,
@@ -115,7 +171,7 @@ class _Link(wire.FrameProtocol):
         slot: int,
         top_k: int,
         want: int,
-        future: asyncio.Future[BatchResult],
+        future: asyncio.Future[BatchResult | _Decoded],
     ) -> None:
         """Write a settled input's outputs into its slot and answer its SUBMIT."""
         self.inputs.pop(request, None)
@@ -123,10 +179,16 @@ class _Link(wire.FrameProtocol):
             self._answer(request, wire.CANCELLED)
             return
         exc = future.exception()
+        if isinstance(exc, ImageError):
+            self._refuse(request, slots, slot, exc)
+            return
         if exc is not None:
             self._answer(request, _status(exc))
             return
         result = future.result()
+        decode_s = preprocess_s = 0.0
+        if isinstance(result, _Decoded):
+            result, decode_s, preprocess_s = result
         try:
             k = _write_outputs(slots, slot, result, top_k, want)
         except Exception:
@@ -135,8 +197,16 @@ class _Link(wire.FrameProtocol):
             return
         self.engine.completed(1)
         self._answer(
-            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds
-        )
+            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds,
+            decode_s, preprocess_s,
+        )  # fmt: skip
+
+    def _refuse(self, request: int, slots: Slots, slot: int, exc: ImageError) -> None:
+        """Answer a JPEG the decoder refused with its error, written where its bytes were."""
+        area = slots.inputs[slot]
+        error = wire.bad_image(type(exc).__name__, str(exc), area.nbytes)
+        area[: len(error)] = np.frombuffer(error, np.uint8)
+        self._answer(request, wire.BAD_IMAGE, k=len(error))
 
     def _answer(
         self,
@@ -146,9 +216,13 @@ class _Link(wire.FrameProtocol):
         k: int = 0,
         queue_s: float = 0.0,
         infer_s: float = 0.0,
+        decode_s: float = 0.0,
+        preprocess_s: float = 0.0,
     ) -> None:
         if self.open and self.outbox is not None:
-            self.outbox.put(wire.result(request, status, batch_size, k, queue_s, infer_s))
+            frame = wire.result(request, status, batch_size, k, queue_s, infer_s, decode_s,
+                                preprocess_s)  # fmt: skip
+            self.outbox.put(frame)
 
     async def _forget(self) -> None:
         inputs = list(self.inputs.values())
@@ -204,13 +278,24 @@ def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, wan
 class EngineServer:
     """Load the engine, then serve front ends on a Unix socket until stopped."""
 
-    def __init__(self, settings: Settings, path: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        path: str,
+        metrics: Metrics | None = None,
+        *,
+        decode_on: str | None = None,
+    ) -> None:
+        """`decode_on` puts the JPEG decoder on that device whatever --decode-device says
+        (tests use "cpu" to run device decode without a GPU)."""
         self.settings = settings
         self.path = path
         self.metrics = metrics or Metrics(workers=settings.workers, shared=True)
         self.board = Board.create(generation=os.getpid())
         self.broken: BaseException | None = None
         self.engine = Engine(settings, self.metrics, on_state=self._state, on_broken=self._broken)
+        self.decoder: DecodeBatcher | None = None  # set at load when JPEGs decode here
+        self._decode_on = decode_on
         self.links: dict[int, _Link | None] = {}  # None: reserved during a handshake
         self._serving: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -235,7 +320,16 @@ class EngineServer:
         beat = loop.create_task(self._beat())
         try:
             await self.engine.load()
-        except Exception:
+            card = self.engine.card
+            assert card is not None
+            self.decoder = await asyncio.to_thread(
+                start_device_decoder, self.settings, card.preprocessing,
+                self.engine.model_device, self._decode_on,
+            )  # fmt: skip
+        except Exception as exc:
+            if self.engine.state == "ready":  # the model loaded; the JPEG decoder did not
+                log.error("cannot start the JPEG decoder: %s", exc)
+                await self.engine.close(time.monotonic())
             beat.cancel()
             return LOAD_FAILED
         self._publish()
@@ -251,6 +345,8 @@ class EngineServer:
             os.unlink(self.path)
         deadline = time.monotonic() + self.settings.drain_timeout_s
         await self.engine.close(deadline)
+        if self.decoder is not None:
+            self.decoder.close()
         beat.cancel()
         for link in list(self.links.values()):
             if link is not None:
@@ -298,7 +394,7 @@ class EngineServer:
                 conn.close()
                 return
             conn.setblocking(False)
-            link = _Link(self.engine, self.board, cell, pools, pid)
+            link = _Link(self.engine, self.board, cell, pools, pid, self.decoder)
             await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=conn)
             self.links[cell] = link
             log.info("front end pid %d connected (cell %d)", pid, cell)
@@ -306,13 +402,22 @@ class EngineServer:
         finally:
             self.links.pop(cell, None)
 
+    def info(self) -> dict[str, object]:
+        """Return the engine's info, with where it decodes JPEGs (None: front ends decode)."""
+        decoder = self.decoder.decoder if self.decoder is not None else None
+        return {
+            **self.engine.info(),
+            "jpeg_device": decoder.device if decoder is not None else None,
+            "jpeg_decoder": decoder.decoder_name if decoder is not None else None,
+        }
+
     def _handshake(self, conn: socket.socket, cell: int) -> tuple[int, dict[int, Slots]]:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         card = self.engine.card
         assert card is not None
         hello = {
             "card": card.to_dict(),
-            "info": self.engine.info(),
+            "info": self.info(),
             "cell": cell,
             "capacity": self.engine.capacity,
             "max_k": min(self.settings.max_top_k, card.num_classes),
