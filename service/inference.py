@@ -527,9 +527,10 @@ class InferenceService:
         if self._decode_on is None and self.settings.engine == "process":
             # Device decode belongs to the engine: JPEGs cross the corridor undecoded, if it
             # decodes them; other formats (and JPEGs too large for a slot) decode here.
-            info = self.engine.info() if self.engine is not None else {}
-            self.decode_device = info.get("jpeg_device") or "cpu"
-            self.device_decoder = info.get("jpeg_decoder")
+            engine = self.engine
+            where = engine.jpeg_device if engine is not None else None
+            self.decode_device = where or "cpu"
+            self.device_decoder = engine.info().get("jpeg_decoder") if where and engine else None
             return None
         from service.decode_batcher import start_device_decoder
 

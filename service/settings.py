@@ -14,6 +14,10 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
+# Room for the error of a JPEG the engine refuses, written back into its slot.
+MIN_JPEG_SLOT_BYTES = 4096
+
+
 class Settings(BaseSettings):
     """hiera-serve configuration; every field is also `HIERA_<FIELD>` and `--<field>`."""
 
@@ -99,7 +103,8 @@ class Settings(BaseSettings):
         description="with --engine process and device decode: the largest JPEG a front end "
         "passes to its engine undecoded (at most --max-body-bytes); a larger one is decoded "
         "on the front end's CPU. Each front end holds one such slot per image the engine "
-        "admits, in shared memory touched only as uploads fill it; 0 = front ends decode all",
+        "admits, in shared memory touched only as uploads fill it; 0 = front ends decode all; "
+        "else at least 4096 (a refused JPEG's error comes back in its slot)",
     )
     tf32: bool = Field(
         True,
@@ -278,6 +283,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "precision int8 is the quantized ONNX artifact for the CPU: use --backend onnx "
                 "with --device cpu (or auto on a host without a GPU)"
+            )
+        if 0 < self.jpeg_slot_bytes < MIN_JPEG_SLOT_BYTES:
+            raise ValueError(
+                f"--jpeg-slot-bytes must be 0 (front ends decode every JPEG) or at least "
+                f"{MIN_JPEG_SLOT_BYTES}, got {self.jpeg_slot_bytes}"
             )
         if self.decode_device == "cuda" and self.device == "cpu":
             raise ValueError(

@@ -269,7 +269,9 @@ class ProcessEngine:
     def jpeg_device(self) -> str | None:
         """Where the engine decodes JPEGs (None: this front end decodes them)."""
         conn = self._conn
-        return conn.hello["info"].get("jpeg_device") if conn is not None else None
+        if conn is None or wire.JPEGS not in conn.pools:  # or --jpeg-slot-bytes 0
+            return None
+        return conn.hello["info"].get("jpeg_device")
 
     async def reserve(self) -> InputSlot:
         """Take a crop slot for an image about to be decoded (see InputSlot)."""

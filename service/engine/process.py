@@ -204,7 +204,11 @@ class _Link(wire.FrameProtocol):
     def _refuse(self, request: int, slots: Slots, slot: int, exc: ImageError) -> None:
         """Answer a JPEG the decoder refused with its error, written where its bytes were."""
         area = slots.inputs[slot]
-        error = wire.bad_image(type(exc).__name__, str(exc), area.nbytes)
+        try:
+            error = wire.bad_image(type(exc).__name__, str(exc), area.nbytes)
+        except ValueError:  # no room even for its name (a slot below MIN_JPEG_SLOT_BYTES)
+            self._answer(request, wire.FAILED)
+            return
         area[: len(error)] = np.frombuffer(error, np.uint8)
         self._answer(request, wire.BAD_IMAGE, k=len(error))
 
@@ -344,6 +348,12 @@ class EngineServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        # JPEGs still decoding are work accepted like queued inputs: let them reach the model.
+        decoding = [task for link in self.links.values() if link is not None
+                    for task in link.inputs.values() if isinstance(task, asyncio.Task)]  # fmt: skip
+        if decoding:
+            self.board.set_state("draining")  # front ends stop admitting meanwhile
+            await asyncio.wait(decoding, timeout=max(deadline - time.monotonic(), 0.0))
         await self.engine.close(deadline)
         if self.decoder is not None:
             self.decoder.close()

@@ -149,7 +149,7 @@ async def test_a_damaged_jpeg_gets_the_cpu_paths_error_and_its_batch_mates_their
 async def test_other_formats_and_jpegs_too_large_for_a_slot_decode_in_the_front_end(
     micro_repository: Path, tmp_path: Path
 ) -> None:
-    small, large = make_image(5, (64, 48)), make_image(6, (1200, 900))
+    small, large = make_image(5), make_image(6, (1200, 900))
     png = make_image(7, fmt="PNG")
     settings = _settings(micro_repository, jpeg_slot_bytes=len(small))
     path = tmp_path / "engine.sock"
@@ -197,3 +197,22 @@ async def test_a_caller_that_leaves_while_the_engine_decodes_never_reaches_the_m
         assert split.admission is not None and split.admission.outstanding == 0
         outcome = await _predict(split, make_image(9))  # the corridor serves the next as usual
     assert outcome.result.batch_size == 1 and model.batches == [1]
+
+
+async def test_a_draining_engine_finishes_the_jpegs_it_is_decoding(
+    micro_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding = DecodeGate(monkeypatch)
+    settings = _settings(micro_repository)
+    path = tmp_path / "engine.sock"
+    async with (
+        engine_server(settings, path, decode_on="cpu") as server,
+        front_end(settings, path) as split,
+    ):
+        accepted = asyncio.create_task(_predict(split, make_image(10)))
+        await asyncio.to_thread(decoding.started.wait, 10)
+        server.stop()  # SIGTERM while the JPEG decodes
+        await wait_until(lambda: server.board.state != "ready")  # it is shutting down
+        decoding.open.set()
+        outcome = await accepted
+    assert outcome.result.batch_size == 1 and outcome.result.embedding.shape == (128,)
