@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from service import imaging
+from service.batching import DeadlineExceeded
 from service.engine import wire
 from service.engine.client import ProcessEngine
 from service.engine.process import EngineServer
@@ -216,3 +217,26 @@ async def test_a_draining_engine_finishes_the_jpegs_it_is_decoding(
         decoding.open.set()
         outcome = await accepted
     assert outcome.result.batch_size == 1 and outcome.result.embedding.shape == (128,)
+
+
+async def test_the_engine_enforces_the_deadline_while_a_jpeg_decodes(
+    micro_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding = DecodeGate(monkeypatch)  # held shut: the decode never finishes in time
+    model = Gate(monkeypatch)
+    model.open.set()
+    settings = _settings(micro_repository)
+    path = tmp_path / "engine.sock"
+    async with (
+        engine_server(settings, path, decode_on="cpu") as server,
+        front_end(settings, path) as split,
+    ):
+        ticket = split.admit(1)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await split.predict(make_image(11), "classify", started + 0.3, ticket=ticket)
+        assert time.monotonic() - started < 1.0  # the engine's answer, not the guard's
+        labels = {"reason": "deadline"}
+        assert server.metrics.registry.get_sample_value("hiera_dropped_total", labels) == 1
+        decoding.open.set()
+    assert model.batches == []
