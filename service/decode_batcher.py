@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING
 
 from service.imaging.device import DecodedBatch, TensorDecoder
 from service.imaging.errors import ImageError
+from service.imaging.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch
+
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +106,32 @@ class DecodeBatcher:
                     )
         if self._waiting:
             self._start_next()
+
+
+def start_device_decoder(
+    settings: Settings, pp: Preprocessing, model_device: str, where: str | None = None
+) -> DecodeBatcher | None:
+    """Build the JPEG decoder where the model runs, if --decode-device puts decoding there.
+
+    `where` overrides the device (tests use "cpu" to run the device path without a GPU).
+    Returns None when JPEGs decode on the CPU with Pillow.
+    """
+    if where is None:
+        wanted = settings.decode_device
+        if wanted == "cuda" and model_device == "cpu":
+            from service.runtime.base import BackendError
+
+            raise BackendError(
+                "--decode-device cuda, but the model runs on the CPU (no usable GPU); "
+                "use --decode-device cpu or auto"
+            )
+        on_gpu = model_device.startswith("cuda")
+        where = model_device if wanted != "cpu" and on_gpu else None
+    if where is None:
+        return None
+    decoder = TensorDecoder(
+        pp, where, max_pixels=settings.max_image_pixels, decoder=settings.device_decoder
+    )
+    log.info("JPEG decode: batched on %s with %s; other formats on the CPU", where,
+             decoder.decoder_name)  # fmt: skip
+    return DecodeBatcher(decoder, max_batch_size=settings.max_batch_size)

@@ -63,11 +63,14 @@ class EngineClient(Protocol):
     def model_device(self) -> str: ...
     @property
     def drain_rate(self) -> float | None: ...
+    @property
+    def jpeg_device(self) -> str | None: ...
 
     def info(self) -> dict[str, Any]: ...
     def backlog_seconds(self, images: int) -> float | None: ...
     async def load(self) -> None: ...
     async def reserve(self) -> InputSlot | None: ...
+    async def reserve_jpeg(self, size: int) -> InputSlot | None: ...
     async def submit(
         self, item: Any, deadline: float | None, want: Want | None = None
     ) -> BatchResult: ...
@@ -363,6 +366,16 @@ class InferenceService:
         if not self.ready or engine is None or self.card is None:
             raise NotReady(self.reason)
         self.metrics.image_bytes.observe(len(data))
+        if engine.jpeg_device is not None:  # an engine that decodes JPEGs on its device
+            header = await asyncio.get_running_loop().run_in_executor(
+                self._decoder,
+                partial(imaging.read_header, data, max_pixels=self.settings.max_image_pixels),
+            )
+            if header.format in DEVICE_FORMATS:
+                encoded = await engine.reserve_jpeg(len(data))
+                if encoded is not None:  # else too large for a slot: decoded here
+                    return await self._run_encoded(data, header, encoded, endpoint, deadline,
+                                                   queued, want)  # fmt: skip
         # Behind a corridor, the crop is decoded straight into a shared-memory slot.
         slot = await engine.reserve()
         try:
@@ -384,6 +397,35 @@ class InferenceService:
             prepared.preprocess_seconds,
             prepared.width,
             prepared.height,
+        )
+
+    async def _run_encoded(
+        self,
+        data: bytes,
+        header: imaging.Header,
+        slot: InputSlot,
+        endpoint: str,
+        deadline: float,
+        queued: list[bool],
+        want: Want,
+    ) -> Outcome:
+        """Hand a JPEG to the engine undecoded: it decodes, crops and runs it on its device."""
+        engine = self.engine
+        assert engine is not None
+        try:
+            slot.fill(data)
+            queued[0] = True  # the engine counts a caller who leaves from here on
+            result = await engine.submit(slot, deadline, want)
+        finally:
+            slot.release()
+        stage = self.metrics.stage
+        stage(endpoint, "decode").observe(slot.decode_seconds)
+        stage(endpoint, "preprocess").observe(slot.preprocess_seconds)
+        self.metrics.image_pixels.observe(header.width * header.height)
+        stage(endpoint, "queue").observe(result.queue_seconds)
+        stage(endpoint, "inference").observe(result.infer_seconds)
+        return Outcome(
+            result, slot.decode_seconds, slot.preprocess_seconds, header.width, header.height
         )
 
     async def predict_pixels(
@@ -482,43 +524,21 @@ class InferenceService:
         self, pp: imaging.Preprocessing, model_device: str
     ) -> DecodeBatcher | None:
         """Build the tensor decoder where the model runs, if JPEGs are decoded on the device."""
-        where = self._decode_on
-        if where is None and self.settings.engine == "process":
-            where = "cpu-host"  # device decode belongs to the engine; front ends decode here
-        if where == "cpu-host":
-            self.decode_device = "cpu"
+        if self._decode_on is None and self.settings.engine == "process":
+            # Device decode belongs to the engine: JPEGs cross the corridor undecoded, if it
+            # decodes them; other formats (and JPEGs too large for a slot) decode here.
+            engine = self.engine
+            where = engine.jpeg_device if engine is not None else None
+            self.decode_device = where or "cpu"
+            self.device_decoder = engine.info().get("jpeg_decoder") if where and engine else None
             return None
-        if where is None:
-            wanted = self.settings.decode_device
-            if wanted == "cuda" and model_device == "cpu":
-                from service.runtime.base import BackendError
+        from service.decode_batcher import start_device_decoder
 
-                raise BackendError(
-                    "--decode-device cuda, but the model runs on the CPU (no usable GPU); "
-                    "use --decode-device cpu or auto"
-                )
-            on_gpu = model_device.startswith("cuda")
-            where = model_device if wanted != "cpu" and on_gpu else None
-        if where is None:
-            self.decode_device = "cpu"
-            return None
-        from service.decode_batcher import DecodeBatcher
-        from service.imaging.device import TensorDecoder
-
-        decoder = TensorDecoder(
-            pp,
-            where,
-            max_pixels=self.settings.max_image_pixels,
-            decoder=self.settings.device_decoder,
-        )
-        self.decode_device = where
-        self.device_decoder = decoder.decoder_name
-        log.info(
-            "JPEG decode: batched on %s with %s; other formats on the CPU",
-            where,
-            decoder.decoder_name,
-        )
-        return DecodeBatcher(decoder, max_batch_size=self.settings.max_batch_size)
+        batcher = start_device_decoder(self.settings, pp, model_device, self._decode_on)
+        if batcher is not None:
+            self.decode_device = batcher.decoder.device
+            self.device_decoder = batcher.decoder.decoder_name
+        return batcher
 
     def _set_state(self, state: State, reason: str) -> None:
         self._state = state

@@ -14,6 +14,10 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
+# Room for the error of a JPEG the engine refuses, written back into its slot.
+MIN_JPEG_SLOT_BYTES = 4096
+
+
 class Settings(BaseSettings):
     """hiera-serve configuration; every field is also `HIERA_<FIELD>` and `--<field>`."""
 
@@ -81,7 +85,8 @@ class Settings(BaseSettings):
     decode_device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu",
         description="where JPEGs are decoded and cropped: cpu (exact, the default); cuda, or "
-        "auto = on the GPU (nvJPEG) when the model runs on one, faster but it agreed with the "
+        "auto = on the GPU (nvJPEG) when the model runs on one (by the engine process with "
+        "--engine process), faster but it agreed with the "
         "CPU path only at embedding cosine 0.989 on an H200; other formats always decode on "
         "the CPU",
     )
@@ -91,6 +96,15 @@ class Settings(BaseSettings):
         "there: nvimgcodec (nvImageCodec, hardware JPEG decoder where the GPU has one, chroma "
         "interpolated like Pillow's libjpeg-turbo), torchvision (nvJPEG with nearest-neighbour "
         "chroma), or auto = nvimgcodec when installed (the gpu extra), else torchvision",
+    )
+    jpeg_slot_bytes: int = Field(
+        4 * 2**20,
+        ge=0,
+        description="with --engine process and device decode: the largest JPEG a front end "
+        "passes to its engine undecoded (at most --max-body-bytes); a larger one is decoded "
+        "on the front end's CPU. Each front end holds one such slot per image the engine "
+        "admits, in shared memory touched only as uploads fill it; 0 = front ends decode all; "
+        "else at least 4096 (a refused JPEG's error comes back in its slot)",
     )
     tf32: bool = Field(
         True,
@@ -270,10 +284,10 @@ class Settings(BaseSettings):
                 "precision int8 is the quantized ONNX artifact for the CPU: use --backend onnx "
                 "with --device cpu (or auto on a host without a GPU)"
             )
-        if self.engine == "process" and self.decode_device != "cpu":
+        if 0 < self.jpeg_slot_bytes < MIN_JPEG_SLOT_BYTES:
             raise ValueError(
-                "--engine process decodes on the workers' CPUs; device decode (--decode-device "
-                f"{self.decode_device}) needs --engine inline"
+                f"--jpeg-slot-bytes must be 0 (front ends decode every JPEG) or at least "
+                f"{MIN_JPEG_SLOT_BYTES}, got {self.jpeg_slot_bytes}"
             )
         if self.decode_device == "cuda" and self.device == "cpu":
             raise ValueError(

@@ -134,11 +134,6 @@ def plan_layout(settings: Settings, gpus: Sequence[str]) -> Layout:
     process = settings.engine == "process" or (settings.engine == "auto" and bool(gpus))
     if not process:
         return Layout(assign_devices(gpus, settings.workers), [])
-    if settings.decode_device == "cuda":
-        raise ValueError(
-            "--decode-device cuda needs --engine inline: with the front ends / engines layout "
-            "(the default on a GPU host) the front ends decode on the CPU"
-        )
     engines = [[gpu] for gpu in gpus] or [[]]
     workers = settings.workers
     if "workers" not in settings.model_fields_set:

@@ -3,7 +3,8 @@
 It has the interface of the in-process engine (service.engine.core.Engine, through
 service.inference.EngineClient), so the routes cannot tell them apart. Each input goes into one
 of this front end's shared-memory slots (the one copy), a SUBMIT frame names the slot, and the
-engine's RESULT frame says the outputs are in the slot beside it.
+engine's RESULT frame says the outputs are in the slot beside it. When the engine decodes JPEGs
+on its device (its hello says where), a JPEG upload goes into a slot of the JPEGS pool as bytes.
 
 When the corridor closes (the engine died) or the engine's heartbeat stops (it hangs), every
 waiting request fails at once with EngineUnavailable (503 + Retry-After) and the front end
@@ -37,6 +38,7 @@ from service.engine import wire
 from service.engine.errors import EngineUnavailable
 from service.engine.shm import Board, SlotLayout, Slots
 from service.engine.state import EngineState, Want
+from service.imaging import errors as image_errors
 from service.postprocess import Prediction, normalize_rows
 from service.settings import Settings
 
@@ -100,14 +102,27 @@ class _Pool:
 
 class InputSlot:
     """A crop slot taken before decoding, so that the decoder writes the crop straight into
-    shared memory (`array`) and the corridor copies nothing. Submitted, or released."""
+    shared memory (`array`) and the corridor copies nothing. Submitted, or released.
 
-    def __init__(self, conn: _Connection, pool: _Pool, slot: int) -> None:
+    In the JPEGS pool, `array` takes the upload's bytes (`fill`) and the engine decodes them;
+    once answered, the slot says how long its decode and preprocessing took there.
+    """
+
+    def __init__(self, conn: _Connection, pool: _Pool, slot: int, kind: int = wire.CROPS) -> None:
         self.conn = conn
         self.pool = pool
         self.slot = slot
+        self.kind = kind
         self.array: np.ndarray = pool.slots.inputs[slot]
         self.held = True
+        self.length = 0  # the bytes of an encoded image (JPEGS)
+        self.decode_seconds = 0.0
+        self.preprocess_seconds = 0.0
+
+    def fill(self, data: bytes) -> None:
+        """Copy an encoded image into the slot (the JPEGS pool)."""
+        self.array[: len(data)] = np.frombuffer(data, np.uint8)
+        self.length = len(data)
 
     def hand_over(self) -> int:
         """Pass the slot to its SUBMIT, which gives it back once answered."""
@@ -121,7 +136,8 @@ class InputSlot:
             self.pool.give(self.slot)
 
 
-Answer = tuple[int, int, int, float, float]  # status, batch size, k, queue s, inference s
+# status, batch size, k, seconds queued, in the model, decoding, preprocessing
+Answer = tuple[int, int, int, float, float, float, float]
 
 
 class _Connection(wire.FrameProtocol):
@@ -149,7 +165,7 @@ class _Connection(wire.FrameProtocol):
         self._on_closed = on_closed
 
     def frame(self, frames: bytes, offset: int) -> None:
-        request, status, batch_size, k, queue_s, infer_s = wire.parse_result(frames, offset)
+        request, *result = wire.parse_result(frames, offset)
         waiter = self.waiting.pop(request, None)
         if waiter is None:
             return
@@ -157,7 +173,7 @@ class _Connection(wire.FrameProtocol):
         if answer.done():  # its caller left: the engine is done with the slot now
             pool.give(slot)
         else:
-            answer.set_result((status, batch_size, k, queue_s, infer_s))
+            answer.set_result(tuple(result))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -249,17 +265,37 @@ class ProcessEngine:
         await self._connect()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
 
+    @property
+    def jpeg_device(self) -> str | None:
+        """Where the engine decodes JPEGs (None: this front end decodes them)."""
+        conn = self._conn
+        if conn is None or wire.JPEGS not in conn.pools:  # or --jpeg-slot-bytes 0
+            return None
+        return conn.hello["info"].get("jpeg_device")
+
     async def reserve(self) -> InputSlot:
         """Take a crop slot for an image about to be decoded (see InputSlot)."""
+        return await self._reserve(wire.CROPS)
+
+    async def reserve_jpeg(self, size: int) -> InputSlot | None:
+        """Take a JPEGS slot for an upload of `size` bytes, or None if the engine does not
+        decode JPEGs or the upload is too large for a slot (then this front end decodes it)."""
         conn = self._ready()
-        pool = conn.pools[wire.CROPS]
+        pool = conn.pools.get(wire.JPEGS)
+        if pool is None or size > pool.slots.layout.input_bytes:
+            return None
+        return await self._reserve(wire.JPEGS)
+
+    async def _reserve(self, kind: int) -> InputSlot:
+        conn = self._ready()
+        pool = conn.pools[kind]
         slot = pool.try_take()
         if slot is None:
             slot = await pool.take()
             if conn.dead is not None:
                 pool.give(slot)
                 raise EngineUnavailable(conn.dead)
-        return InputSlot(conn, pool, slot)
+        return InputSlot(conn, pool, slot, kind)
 
     def _ready(self) -> _Connection:
         conn = self._conn
@@ -275,8 +311,10 @@ class ProcessEngine:
             if item.conn is not self._conn or item.conn.dead is not None:
                 item.release()  # the engine it was taken from is gone
                 raise EngineUnavailable(item.conn.dead or "the engine restarted meanwhile")
-            conn, kind, pool, slot = item.conn, wire.CROPS, item.pool, item.hand_over()
+            conn, kind, pool, slot = item.conn, item.kind, item.pool, item.hand_over()
+            length = item.length
         else:
+            length = 0
             conn = self._ready()
             kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
             pool = conn.pools[kind]
@@ -297,11 +335,11 @@ class ProcessEngine:
             wire.WANT_LOGITS if want.logits else 0
         )
         top_k = min(want.top_k, pool.slots.layout.max_k)
-        conn.outbox.put(wire.submit(request, kind, slot, top_k, bits, deadline or 0.0))
+        conn.outbox.put(wire.submit(request, kind, slot, top_k, bits, deadline or 0.0, length))
         try:
             # The engine answers every SUBMIT once, by its deadline, or the corridor closes
             # (then every waiting future fails): no timer of our own.
-            status, batch_size, k, queue_s, infer_s = await answer
+            status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s = await answer
         except asyncio.CancelledError:
             if request in conn.waiting and conn.dead is None:
                 conn.outbox.put(wire.cancel(request))  # its RESULT will free the slot
@@ -312,6 +350,8 @@ class ProcessEngine:
         except BaseException:
             pool.give(slot)  # the corridor closed: nobody reads the slot any more
             raise
+        if isinstance(item, InputSlot):
+            item.decode_seconds, item.preprocess_seconds = decode_s, preprocess_s
         try:
             return self._result(pool.slots, slot, status, batch_size, k, queue_s, infer_s, want)
         finally:
@@ -328,6 +368,8 @@ class ProcessEngine:
         infer_s: float,
         want: Want,
     ) -> BatchResult:
+        if status == wire.BAD_IMAGE:  # the engine's decoder refused it; `k` bytes say why
+            raise _image_error(slots.inputs[slot][:k])
         if status != wire.OK:
             raise _error(status)
         empty = np.zeros(0, np.float32)
@@ -402,15 +444,20 @@ class ProcessEngine:
             board = Board.attach(fds[0], int(hello["cell"]))
             card = hello["card"]
             height, width = card["preprocessing"]["input_size"]
-            specs = [
-                (wire.CROPS, "uint8", int(hello["capacity"])),
-                (wire.TENSORS, "float32", min(TENSOR_SLOTS, int(hello["capacity"]))),
+            capacity = int(hello["capacity"])
+            specs: list[tuple[int, tuple[int, ...], str, int]] = [
+                (wire.CROPS, (3, height, width), "uint8", capacity),
+                (wire.TENSORS, (3, height, width), "float32", min(TENSOR_SLOTS, capacity)),
             ]
+            jpeg_bytes = min(self.settings.jpeg_slot_bytes, self.settings.max_body_bytes)
+            if hello["info"].get("jpeg_device") and jpeg_bytes > 0:
+                # Every admitted image may be a JPEG: as many slots as crops.
+                specs.append((wire.JPEGS, (jpeg_bytes,), "uint8", capacity))
             pools: dict[int, _Pool] = {}
             attach: list[dict[str, Any]] = []
-            for kind, dtype, count in specs:
+            for kind, shape, dtype, count in specs:
                 layout = SlotLayout(
-                    (3, height, width), dtype, int(hello["max_k"]), int(card["embed_dim"]),
+                    shape, dtype, int(hello["max_k"]), int(card["embed_dim"]),
                     int(card["num_classes"]),
                 )  # fmt: skip
                 pools[kind] = _Pool(Slots.create(layout, count, f"hiera-slots-{kind}"))
@@ -486,6 +533,15 @@ class ProcessEngine:
         self.state, self.reason = state, reason
         if self._on_state is not None:
             self._on_state(state, reason)
+
+
+def _image_error(data: np.ndarray) -> image_errors.ImageError:
+    """Rebuild the ImageError the engine's decoder raised, so it maps to the same 4xx."""
+    name, message = wire.parse_bad_image(data.tobytes())
+    kind = getattr(image_errors, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, image_errors.ImageError)):
+        kind = image_errors.ImageError  # an engine newer than this front end: still a 400
+    return kind(message)
 
 
 def _error(status: int) -> Exception:

@@ -203,6 +203,15 @@ class Engine:
         """Return no slot: in process, the decoder's own array is the input (no copy)."""
         return None
 
+    @property
+    def jpeg_device(self) -> None:
+        """Say that JPEGs are not handed to this engine undecoded (its front end decodes)."""
+        return None
+
+    async def reserve_jpeg(self, size: int) -> None:
+        """Return no slot: in process, JPEGs are decoded by the front end's own decoder."""
+        return None
+
     async def submit(
         self, item: Any, deadline: float | None, want: Want | None = None
     ) -> BatchResult:

@@ -4,6 +4,9 @@
 on a Unix socket. Each front end that connects gets the model card, the board (capacity, pace,
 health) and a cell on it; it sends its slots' memory back. From then on it sends SUBMIT and
 CANCEL frames and gets one RESULT per SUBMIT, the outputs written into the input's slot.
+With device decode (--decode-device cuda, or auto with the model on a GPU) the engine also
+takes JPEG bytes (the JPEGS pool), decodes and crops them in batches on its device, then
+queues the crops like any other input.
 
 A front end that goes away has its queued inputs dropped and its cell cleared once none of its
 inputs is left in the engine. SIGTERM drains: queued and running work finishes within the drain
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import os
@@ -25,18 +27,15 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 
-from service.batching import BatcherClosed, BatchResult, DeadlineExceeded, QueueFull
+from service.decode_batcher import DecodeBatcher, start_device_decoder
 from service.engine import wire
 from service.engine.core import Engine
+from service.engine.link import Link
 from service.engine.shm import MAX_FRONT_ENDS, Board, SlotLayout, Slots
-from service.engine.state import Want
-from service.errors import NotReady
 from service.metrics import Metrics
-from service.postprocess import BatchOutputs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,171 +46,28 @@ BEAT_S = 0.25  # how often the board's heartbeat and pace are refreshed
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class _Link(wire.FrameProtocol):
-    """One front end's connection: its slots, its inputs in the engine, its board cell.
-
-    Each SUBMIT is queued in the batcher with a callback that writes the outputs and the
-    RESULT: no task per input (a task costs its creation, its name and a loop turn).
-    """
-
-    def __init__(
-        self, engine: Engine, board: Board, cell: int, pools: dict[int, Slots], pid: int
-    ) -> None:
-        super().__init__()
-        self.engine = engine
-        self.board = board
-        self.cell = cell
-        self.pools = pools
-        self.pid = pid
-        self.inputs: dict[int, asyncio.Future[BatchResult]] = {}  # by request id
-        self.open = True
-        self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The front end went: drop its work, then clear its cell."""
-        self.open = False
-        task = asyncio.get_running_loop().create_task(self._forget())
-        task.add_done_callback(self._forgotten)
-
-    def _forgotten(self, _: asyncio.Task[None]) -> None:
-        if not self.gone.done():
-            self.gone.set_result(None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def frame(self, frames: bytes, offset: int) -> None:
-        kind = frames[offset]
-        if kind == wire.SUBMIT:
-            self._submit(*wire.parse_submit(frames, offset))
-        elif kind == wire.CANCEL:
-            cancelled = self.inputs.get(wire.parse_cancel(frames, offset))
-            if cancelled is not None:
-                cancelled.cancel()  # withdrawn from the batcher unless the model has it
-        else:
-            log.error("front end pid %d sent an unknown frame %d; closing it", self.pid, kind)
-            self.close()
-
-    def _submit(
-        self, request: int, pool: int, slot: int, top_k: int, want: int, deadline: float
-    ) -> None:
-        slots = self.pools.get(pool)
-        if slots is None or not 0 <= slot < slots.count:
-            self._answer(request, wire.INVALID)
-            return
-        try:
-            future = self.engine.enqueue(slots.inputs[slot], deadline or None, _want(top_k, want))
-        except Exception as exc:
-            self._answer(request, _status(exc))
-            return
-        self.inputs[request] = future
-        future.add_done_callback(partial(self._ran, request, slots, slot, top_k, want))
-
-    def _ran(
-        self,
-        request: int,
-        slots: Slots,
-        slot: int,
-        top_k: int,
-        want: int,
-        future: asyncio.Future[BatchResult],
-    ) -> None:
-        """Write a settled input's outputs into its slot and answer its SUBMIT."""
-        self.inputs.pop(request, None)
-        if future.cancelled():
-            self._answer(request, wire.CANCELLED)
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._answer(request, _status(exc))
-            return
-        result = future.result()
-        try:
-            k = _write_outputs(slots, slot, result, top_k, want)
-        except Exception:
-            log.exception("writing the outputs of request %d failed", request)
-            self._answer(request, wire.FAILED)
-            return
-        self.engine.completed(1)
-        self._answer(
-            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds
-        )
-
-    def _answer(
-        self,
-        request: int,
-        status: int,
-        batch_size: int = 0,
-        k: int = 0,
-        queue_s: float = 0.0,
-        infer_s: float = 0.0,
-    ) -> None:
-        if self.open and self.outbox is not None:
-            self.outbox.put(wire.result(request, status, batch_size, k, queue_s, infer_s))
-
-    async def _forget(self) -> None:
-        inputs = list(self.inputs.values())
-        for future in inputs:
-            future.cancel()
-        # Their callbacks run on the next loop turns; the model may still hold some of them.
-        while self.inputs:
-            await asyncio.wait(list(self.inputs.values()))
-            await asyncio.sleep(0)
-        self.board.clear(self.cell)
-        log.info("front end pid %d disconnected (%d inputs dropped)", self.pid, len(inputs))
-
-
-@functools.lru_cache(maxsize=1024)
-def _want(top_k: int, bits: int) -> Want:
-    """Return the Want a SUBMIT's fields spell (a handful of distinct ones: made once each)."""
-    return Want(
-        top_k=top_k,
-        embedding=bool(bits & wire.WANT_EMBEDDING),
-        logits=bool(bits & wire.WANT_LOGITS),
-    )
-
-
-def _status(exc: BaseException) -> int:
-    """Return the RESULT status that tells the front end which error ended an input."""
-    if isinstance(exc, DeadlineExceeded):
-        return wire.DEADLINE
-    if isinstance(exc, BatcherClosed | NotReady):
-        return wire.CLOSED
-    if isinstance(exc, QueueFull):
-        return wire.FULL
-    if isinstance(exc, ValueError):  # an input of the wrong shape or kind
-        return wire.INVALID
-    return wire.FAILED  # the batcher has logged and counted the failure
-
-
-def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, want: int) -> int:
-    """Write one input's requested outputs into its slot; return how many classes it holds."""
-    k = min(top_k, slots.layout.max_k)
-    if k:
-        outputs = result.outputs or BatchOutputs(result.logits[None, :], result.embedding[None])
-        # Ranked once per batch, on the host or on the device.
-        indices, scores = outputs.best(result.row if result.outputs else 0, k)
-        slots.indices[slot, :k] = indices
-        slots.scores[slot, :k] = scores
-    if want & wire.WANT_EMBEDDING:
-        slots.embedding[slot] = result.embedding
-    if want & wire.WANT_LOGITS:
-        slots.logits[slot] = result.logits
-    return k
-
-
 class EngineServer:
     """Load the engine, then serve front ends on a Unix socket until stopped."""
 
-    def __init__(self, settings: Settings, path: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        path: str,
+        metrics: Metrics | None = None,
+        *,
+        decode_on: str | None = None,
+    ) -> None:
+        """`decode_on` puts the JPEG decoder on that device whatever --decode-device says
+        (tests use "cpu" to run device decode without a GPU)."""
         self.settings = settings
         self.path = path
         self.metrics = metrics or Metrics(workers=settings.workers, shared=True)
         self.board = Board.create(generation=os.getpid())
         self.broken: BaseException | None = None
         self.engine = Engine(settings, self.metrics, on_state=self._state, on_broken=self._broken)
-        self.links: dict[int, _Link | None] = {}  # None: reserved during a handshake
+        self.decoder: DecodeBatcher | None = None  # set at load when JPEGs decode here
+        self._decode_on = decode_on
+        self.links: dict[int, Link | None] = {}  # None: reserved during a handshake
         self._serving: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
@@ -235,7 +91,16 @@ class EngineServer:
         beat = loop.create_task(self._beat())
         try:
             await self.engine.load()
-        except Exception:
+            card = self.engine.card
+            assert card is not None
+            self.decoder = await asyncio.to_thread(
+                start_device_decoder, self.settings, card.preprocessing,
+                self.engine.model_device, self._decode_on,
+            )  # fmt: skip
+        except Exception as exc:
+            if self.engine.state == "ready":  # the model loaded; the JPEG decoder did not
+                log.error("cannot start the JPEG decoder: %s", exc)
+                await self.engine.close(time.monotonic())
             beat.cancel()
             return LOAD_FAILED
         self._publish()
@@ -250,7 +115,15 @@ class EngineServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        # JPEGs still decoding are work accepted like queued inputs: let them reach the model.
+        decoding = [task for link in self.links.values() if link is not None
+                    for task in link.inputs.values() if isinstance(task, asyncio.Task)]  # fmt: skip
+        if decoding:
+            self.board.set_state("draining")  # front ends stop admitting meanwhile
+            await asyncio.wait(decoding, timeout=max(deadline - time.monotonic(), 0.0))
         await self.engine.close(deadline)
+        if self.decoder is not None:
+            self.decoder.close()
         beat.cancel()
         for link in list(self.links.values()):
             if link is not None:
@@ -298,7 +171,7 @@ class EngineServer:
                 conn.close()
                 return
             conn.setblocking(False)
-            link = _Link(self.engine, self.board, cell, pools, pid)
+            link = Link(self.engine, self.board, cell, pools, pid, self.decoder)
             await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=conn)
             self.links[cell] = link
             log.info("front end pid %d connected (cell %d)", pid, cell)
@@ -306,13 +179,22 @@ class EngineServer:
         finally:
             self.links.pop(cell, None)
 
+    def info(self) -> dict[str, object]:
+        """Return the engine's info, with where it decodes JPEGs (None: front ends decode)."""
+        decoder = self.decoder.decoder if self.decoder is not None else None
+        return {
+            **self.engine.info(),
+            "jpeg_device": decoder.device if decoder is not None else None,
+            "jpeg_decoder": decoder.decoder_name if decoder is not None else None,
+        }
+
     def _handshake(self, conn: socket.socket, cell: int) -> tuple[int, dict[int, Slots]]:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         card = self.engine.card
         assert card is not None
         hello = {
             "card": card.to_dict(),
-            "info": self.engine.info(),
+            "info": self.info(),
             "cell": cell,
             "capacity": self.engine.capacity,
             "max_k": min(self.settings.max_top_k, card.num_classes),

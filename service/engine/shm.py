@@ -10,8 +10,9 @@ sum of all cells under a POSIX record lock (`lockf`: per process, unlike `flock`
 shared open file would defeat), so front ends together never admit more than the capacity and
 no request costs a round trip to the engine. Each front end writes only its own cell.
 
-The slots are a front end's: fixed places that hold one model input each (a uint8 crop, or a
-float32 tensor in the tensor pool), followed by room for that input's outputs. The front end
+The slots are a front end's: fixed places that hold one model input each (a uint8 crop, a
+float32 tensor in the tensor pool, or an encoded JPEG's bytes for an engine that decodes on its
+device), followed by room for that input's outputs. The front end
 writes the input once; the engine reads it in place and writes the outputs back beside it.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import mmap
 import os
 import time
@@ -160,7 +162,7 @@ class Board:
 class SlotLayout:
     """Where an input and its outputs lie in one slot."""
 
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # [3, H, W] for crops and tensors; [bytes] for JPEGs
     input_dtype: str  # "uint8" or "float32"
     max_k: int
     embed_dim: int
@@ -176,8 +178,7 @@ class SlotLayout:
 
     @property
     def input_bytes(self) -> int:
-        c, h, w = self.input_shape
-        return c * h * w * np.dtype(self.input_dtype).itemsize
+        return math.prod(self.input_shape) * np.dtype(self.input_dtype).itemsize
 
     @property
     def slot_bytes(self) -> int:

@@ -375,3 +375,18 @@ def test_cuda_graph_flags_come_in_both_polarities() -> None:
     assert defaults.cuda_graphs is True and defaults.onnx_cuda_graphs is False
     flipped = from_cli("--weights", "random", "--no-cuda-graphs", "--onnx-cuda-graphs")
     assert flipped.cuda_graphs is False and flipped.onnx_cuda_graphs is True
+
+
+def test_device_decode_is_accepted_with_engine_processes() -> None:
+    settings = Settings(weights="random", engine="process", decode_device="cuda")
+    assert (settings.engine, settings.decode_device) == ("process", "cuda")
+    assert settings.jpeg_slot_bytes == 4 * 2**20
+
+
+@pytest.mark.parametrize(("size", "ok"), [(0, True), (4095, False), (4096, True), (1, False)])
+def test_jpeg_slots_hold_at_least_a_refused_jpegs_error(size: int, ok: bool) -> None:
+    if ok:
+        assert Settings(weights="random", jpeg_slot_bytes=size).jpeg_slot_bytes == size
+    else:
+        with pytest.raises(ValidationError, match="--jpeg-slot-bytes must be 0"):
+            Settings(weights="random", jpeg_slot_bytes=size)

@@ -186,5 +186,6 @@ def test_the_layout_follows_the_host_front_ends_on_a_gpu_host_inline_on_a_cpu_on
     assert inline.engines == [] and inline.workers == [["0"], ["1"]]
     split_cpu = plan_layout(_settings(engine="process"), [])
     assert split_cpu.engines == [[]] and len(split_cpu.workers) == 15  # one engine for the CPU
-    with pytest.raises(ValueError, match="--engine inline"):
-        plan_layout(_settings(decode_device="cuda"), ["0"])
+    # JPEGs cross the corridor to be decoded by the engines on their GPUs.
+    device_decode = plan_layout(_settings(decode_device="cuda"), ["0"])
+    assert device_decode.engines == [["0"]]

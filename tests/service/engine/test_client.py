@@ -44,8 +44,10 @@ def _settings(repository: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def engine_server(settings: Settings, path: Path) -> AsyncIterator[EngineServer]:
-    server = EngineServer(settings, str(path), metrics=Metrics())
+async def engine_server(
+    settings: Settings, path: Path, *, decode_on: str | None = None
+) -> AsyncIterator[EngineServer]:
+    server = EngineServer(settings, str(path), metrics=Metrics(), decode_on=decode_on)
     task = asyncio.create_task(server.run(signals=False))
     await wait_until(lambda: path.exists() or task.done(), within_s=60)
     assert not task.done(), "the engine server ended while loading"

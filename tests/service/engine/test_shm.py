@@ -82,20 +82,45 @@ def test_slots_hold_an_input_and_its_outputs_apart_in_memory_both_sides_see() ->
     assert tensors.input_bytes == 4 * layout.input_bytes
 
 
+def test_a_jpeg_slot_holds_its_bytes_then_a_refusal_beside_room_for_outputs() -> None:
+    layout = SlotLayout((1000,), "uint8", max_k=5, embed_dim=7, num_classes=11)
+    assert SlotLayout.from_dict(layout.to_dict()) == layout
+    assert layout.input_bytes == 1000
+    assert layout.slot_bytes == 1152  # 1000 + 4 * (2 * 5 + 7 + 11) = 1112, to 64 bytes
+    mine = Slots.create(layout, 2, "test-jpegs")
+    theirs = Slots.attach(os.dup(mine.fd), layout, 2)
+    data = bytes(range(256)) * 3
+    mine.inputs[1, : len(data)] = np.frombuffer(data, np.uint8)
+    assert bytes(theirs.inputs[1, : len(data)]) == data
+    theirs.logits[1] = 3.0  # the outputs lie after the bytes, not over them
+    assert bytes(mine.inputs[1, : len(data)]) == data and mine.logits[1].tolist() == [3.0] * 11
+    error = wire.bad_image("CorruptImage", "the JPEG data is damaged", layout.input_bytes)
+    theirs.inputs[0, : len(error)] = np.frombuffer(error, np.uint8)
+    assert wire.parse_bad_image(mine.inputs[0, : len(error)]) == (
+        "CorruptImage",
+        "the JPEG data is damaged",
+    )
+    # A message too long for the room is cut, never the error's name.
+    cut = wire.bad_image("CorruptImage", "x" * 5000, 1100)
+    name, message = wire.parse_bad_image(cut)
+    assert len(cut) <= 1100 and name == "CorruptImage" and message == "x" * 1024
+
+
 def test_frames_and_the_handshake_round_trip() -> None:
     frame = wire.submit(7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
     assert len(frame) == wire.FRAME and frame[0] == wire.SUBMIT
-    assert wire.parse_submit(frame) == (7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
+    assert wire.parse_submit(frame) == (7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25, 0)
+    jpeg = wire.submit(8, wire.JPEGS, 3, 5, wire.WANT_LOGITS, 9.5, 2**32 - 1)
+    assert len(jpeg) == wire.FRAME
+    assert wire.parse_submit(jpeg) == (8, wire.JPEGS, 3, 5, wire.WANT_LOGITS, 9.5, 2**32 - 1)
     assert wire.parse_cancel(wire.cancel(2**32 - 1)) == 2**32 - 1
-    answer = wire.result(9, wire.DEADLINE, 3, 5, 0.25, 0.5)
-    assert len(answer) == wire.FRAME and wire.parse_result(answer) == (
-        9,
-        wire.DEADLINE,
-        3,
-        5,
-        0.25,
-        0.5,
-    )
+    # Seconds that float32 holds exactly (sums of powers of two), so equality is fair.
+    answer = wire.result(9, wire.DEADLINE, 3, 5, 0.25, 0.5, 0.125, 2.0**-10)
+    assert len(answer) == wire.FRAME and answer[0] == wire.RESULT
+    assert wire.parse_result(answer) == (9, wire.DEADLINE, 3, 5, 0.25, 0.5, 0.125, 2.0**-10)
+    # A microsecond of a few seconds' stage survives the float32 field.
+    _, _, _, _, queue_s, *_ = wire.parse_result(wire.result(1, wire.OK, 1, 0, 3.000001, 0.0))
+    assert abs(queue_s - 3.000001) < 5e-7
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     board = Board.create(generation=3)
     message = {"card": {"labels": [f"class {i}" for i in range(5000)]}, "cell": 2}
