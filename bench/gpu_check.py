@@ -8,8 +8,9 @@
    4-D layout would gain.
 3. Throughput: Hiera-B fp16 model-only at batch 64 and 128, and end to end (a real
    `hiera-serve` on the GPU, single-image 500x375 JPEG requests from several client processes):
-   the front ends / engines layout with 1, 4, 8 and 12 front ends (CPU decode), then the inline
-   layout with device decode; img/s, p50/p99, the cores each role kept busy, the engine's mean
+   the front ends / engines layout with 1, 4, 8 and 12 front ends (CPU decode) and with 12
+   front ends passing JPEGs to the engine's device decoder, then the inline layout with device
+   decode; img/s, p50/p99, the cores each role kept busy, the engine's mean
    batch, the ratio to model-only; checking that one scrape of /metrics counts every answer.
 
 Writes JSON and prints a table. Without a CUDA device it says so and exits 77 (the code
@@ -151,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if not args.skip_e2e:
         report["end_to_end"] = []
-        layouts = [("process", "cpu", int(n)) for n in args.e2e_front_ends.split(",") if n]
+        fronts = [int(n) for n in args.e2e_front_ends.split(",") if n]
+        layouts = [("process", "cpu", n) for n in fronts]
+        # JPEGs through the corridor, decoded by the engine on the GPU.
+        layouts += [("process", "cuda", max(fronts))] if fronts else []
         layouts += [("inline", d, args.workers) for d in args.e2e_decode_devices.split(",") if d]
         best = max(
             (v for r in report.get("model_only", []) for k, v in r.items()

@@ -315,16 +315,8 @@ class ProcessEngine:
             length = item.length
         else:
             length = 0
-            conn = self._ready()
-            kind = wire.CROPS if item.dtype == np.uint8 else wire.TENSORS
-            pool = conn.pools[kind]
-            taken = pool.try_take()
-            if taken is None:
-                taken = await pool.take()
-                if conn.dead is not None:
-                    pool.give(taken)
-                    raise EngineUnavailable(conn.dead)
-            slot = taken
+            taken = await self._reserve(wire.CROPS if item.dtype == np.uint8 else wire.TENSORS)
+            conn, kind, pool, slot = taken.conn, taken.kind, taken.pool, taken.hand_over()
             np.copyto(pool.slots.inputs[slot], item)  # the one copy
         assert conn.outbox is not None
         want = want or Want(embedding=True, logits=True)
