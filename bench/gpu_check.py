@@ -494,18 +494,28 @@ def _outputs(
 
 
 def _open(
-    repo: Path, path: GpuPath, device: str, max_batch_size: int, trt_cache: Path
+    repo: Path,
+    path: GpuPath,
+    device: str,
+    max_batch_size: int,
+    trt_cache: Path,
+    **overrides: Any,
 ) -> tuple[Any, Feeder, Preprocessing]:
+    """Return (backend, feeder, preprocessing) for `path`'s first instance; `overrides` are
+    further Settings fields."""
     settings = Settings(
-        model_repository=repo,
-        backend=path.backend,
-        precision=path.precision,
-        device="cpu" if device == "cpu" else "cuda",
-        onnx_providers=list(path.providers) if path.providers else None,
-        max_batch_size=max_batch_size,
-        trt_cache_dir=trt_cache,
-        tf32=False,  # compare true fp32 with fp32
-        decode_device="cpu",
+        **{
+            "model_repository": repo,
+            "backend": path.backend,
+            "precision": path.precision,
+            "device": "cpu" if device == "cpu" else "cuda",
+            "onnx_providers": list(path.providers) if path.providers else None,
+            "max_batch_size": max_batch_size,
+            "trt_cache_dir": trt_cache,
+            "tf32": False,  # compare true fp32 with fp32
+            "decode_device": "cpu",
+        }
+        | overrides
     )
     load_plan = plan(settings)
     instance_device, factory = load_plan.instances[0]  # cuda:0, or the CPU

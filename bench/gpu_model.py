@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from bench.gpu_check import _error, _open
 from service.imaging import Preprocessing, cpu
 from service.runtime.feed import Feeder
-from service.runtime.loader import plan
-from service.runtime.pool import InputSpec, feeder_for
 from service.runtime.providers import CUDA, TENSORRT
-from service.settings import BackendName, Precision, Settings
+from service.settings import BackendName, Precision
 
 # Inductor's default mode: compiled kernels alone (graphs are rows of their own), and no
 # autotuning, which takes many minutes on Hiera-B and would not fit a short GPU lease.
@@ -142,33 +141,20 @@ def open_backend(
     repo: Path, path: ModelPath, max_batch_size: int, trt_cache: Path
 ) -> tuple[Any, Feeder, Preprocessing]:
     """Return (backend, feeder, preprocessing) for `path` on cuda:0, graphs captured if any."""
-    settings = Settings(
-        model_repository=repo,
-        backend=path.backend,
-        precision=path.precision,
-        device="cuda",
-        onnx_providers=list(path.providers) if path.providers else None,
-        max_batch_size=max_batch_size,
-        trt_cache_dir=trt_cache,
-        cuda_graphs=path.graphs,
-        onnx_cuda_graphs=path.graphs,
-        decode_device="cpu",
-    )
-    load_plan = plan(settings)
-    device, factory = load_plan.instances[0]
-    backend: Any = factory()  # a TorchBackend or OnnxBackend: prepare() and friends
-    pp = load_plan.card.preprocessing
-    inputs = InputSpec((3, *pp.input_size), pp.mean, pp.std)
+    backend, feeder, pp = _open(
+        repo, path, "cuda:0", max_batch_size, trt_cache,  # type: ignore[arg-type]
+        tf32=True, cuda_graphs=path.graphs, onnx_cuda_graphs=path.graphs,
+    )  # fmt: skip
     if path.compile:
         import torch
 
         # The backend's module, compiled in place: the same precast weights and autocast.
         backend._module = torch.compile(backend._module, mode=COMPILE_MODE)
     if path.graphs:
-        backend.prepare(max_batch_size, inputs.shape)
+        backend.prepare(max_batch_size, feeder.input_shape)
         if not backend.cuda_graphs:
             raise RuntimeError("graph capture failed (see the log); the row would be un-graphed")
-    return backend, feeder_for(backend, device, inputs, max_batch_size), pp
+    return backend, feeder, pp
 
 
 def _photo_outputs(
@@ -182,8 +168,3 @@ def _photo_outputs(
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
     finally:
         backend.close()
-
-
-def _error(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text if len(text) <= 600 else '...' + text[-600:]}"
