@@ -50,6 +50,8 @@ KILL_AFTER_S = 10.0  # ... and older than this: kill it, so the supervisor resta
 HANDSHAKE_TIMEOUT_S = 5.0
 TENSOR_SLOTS = 32  # float32 inputs (KServe FP32 tensors) are rare and four times larger
 _WATCH_S = 0.25
+_NOTHING = np.zeros(0, np.float32)  # an output the caller did not ask for; never written
+_NOTHING.flags.writeable = False
 
 
 class CorridorOutputs:
@@ -364,13 +366,12 @@ class ProcessEngine:
             raise _image_error(slots.inputs[slot][:k])
         if status != wire.OK:
             raise _error(status)
-        empty = np.zeros(0, np.float32)
-        embedding = slots.embedding[slot].copy() if want.embedding else empty
+        embedding = slots.embedding[slot].copy() if want.embedding else _NOTHING
         outputs = CorridorOutputs(
             slots.indices[slot, :k].copy(), slots.scores[slot, :k].copy(), embedding
         )
         return BatchResult(
-            logits=slots.logits[slot].copy() if want.logits else empty,
+            logits=slots.logits[slot].copy() if want.logits else _NOTHING,
             embedding=embedding,
             batch_size=batch_size,
             queue_seconds=queue_s,
