@@ -244,9 +244,12 @@ def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, wan
     """Write one input's requested outputs into its slot; return how many classes it holds."""
     k = min(top_k, slots.layout.max_k)
     if k:
-        outputs = result.outputs or BatchOutputs(result.logits[None, :], result.embedding[None])
         # Ranked once per batch, on the host or on the device.
-        indices, scores = outputs.best(result.row if result.outputs else 0, k)
+        if result.outputs is not None:
+            indices, scores = result.outputs.best(result.row, k)
+        else:
+            alone = BatchOutputs(result.logits[None, :], result.embedding[None])
+            indices, scores = alone.best(0, k)
         slots.indices[slot, :k] = indices
         slots.scores[slot, :k] = scores
     if want & wire.WANT_EMBEDDING:
