@@ -35,6 +35,7 @@ INFERENCE = ("classify", "embed", "classify_batch", "kserve_infer", "openai_embe
 SEEN_AS = {200: "ok", 400: "invalid", 415: "invalid", 422: "invalid", 429: "rejected",
            500: "failed", 503: "rejected", 504: "timed_out"}  # fmt: skip
 HUNG_UP = "cancelled"
+CANCELLED = "hiera_request_outcomes_total"
 CORRUPT = b"\xff\xd8\xff\xe0 this is not really a JPEG"
 
 
@@ -183,7 +184,17 @@ def test_every_request_received_has_exactly_one_outcome(
                 await asyncio.to_thread(
                     poll, lambda: at("hiera_admitted_images", 0), "room for the hang-up", server
                 )
+                cancelled = value(scrape(url), CANCELLED, endpoint="embed", outcome=HUNG_UP)
                 await clients.hang_up_mid_upload(url)
+                # Alone, as said: the next request is sent only once the server has counted
+                # the hang-up (else it may be admitted first, and the door refuse the hang-up).
+                await asyncio.to_thread(
+                    poll,
+                    lambda: value(scrape(url), CANCELLED, endpoint="embed", outcome=HUNG_UP)
+                    == cancelled + 1,
+                    "the hang-up counted",
+                    server,
+                )
                 # One batch that raises (failed), then every API served once more (ok); the
                 # batch request's corrupt image fails only its own entry.
                 server.command(fail=1)
