@@ -163,6 +163,32 @@ class BatchOutputs:
     def _ranks(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return {}
 
+    def packed(self, k: int, room: int) -> np.ndarray:
+        """Return every row's outputs laid out as a corridor slot holds them
+        (service.engine.shm): `[B, 2 * room + D]` int32, each row's k best class indices,
+        then from column `room` their probabilities (float32 bits), then from column
+        `2 * room` its embedding (float32 bits). Made once per batch for each k, so that an
+        input's outputs reach its slot in one copy."""
+        rows = self._packed.get((k, room))
+        if rows is None:
+            count, width = self.embedding.shape
+            rows = np.zeros((count, 2 * room + width), np.int32)
+            if k:
+                self.best(0, k)  # ranks every row (or checks that the device ranked k)
+                if self.ranked is not None and k <= self.ranked[0].shape[1]:
+                    indices, scores = self.ranked[0][:, :k], self.ranked[1][:, :k]
+                else:
+                    indices, scores = self._ranks[k]
+                rows[:, :k] = indices
+                rows[:, room : room + k] = scores.astype(np.float32).view(np.int32)
+            rows[:, 2 * room :] = self.embedding.astype(np.float32).view(np.int32)
+            self._packed[(k, room)] = rows
+        return rows
+
+    @cached_property
+    def _packed(self) -> dict[tuple[int, int], np.ndarray]:
+        return {}
+
     def top_k(self, row: int, labels: list[str], k: int) -> list[Prediction]:
         """Return row's k most probable classes, best first, exactly as top_k() would."""
         indices, scores = self.best(row, k)

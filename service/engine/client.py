@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ from service.card import ModelCard
 from service.engine import wire
 from service.engine.errors import EngineUnavailable
 from service.engine.shm import Board, SlotLayout, Slots
-from service.engine.state import EngineState, Want
+from service.engine.state import EVERYTHING, EngineState, Want
 from service.imaging import errors as image_errors
 from service.postprocess import Prediction, normalize_rows
 from service.settings import Settings
@@ -57,7 +59,9 @@ _NOTHING.flags.writeable = False
 class CorridorOutputs:
     """One input's outputs as the engine sent them: its top k, its embedding."""
 
-    def __init__(self, indices: np.ndarray, scores: np.ndarray, embedding: np.ndarray) -> None:
+    def __init__(
+        self, indices: Sequence[int], scores: Sequence[float], embedding: np.ndarray
+    ) -> None:
         self.indices = indices
         self.scores = scores
         self.embedding = embedding
@@ -67,7 +71,7 @@ class CorridorOutputs:
         if k > len(self.indices):
             raise ValueError(f"asked for top {k}, the engine sent {len(self.indices)}")
         return [
-            Prediction(int(i), labels[int(i)], float(s))
+            Prediction(i, labels[i], s)
             for i, s in zip(self.indices[:k], self.scores[:k], strict=True)
         ]
 
@@ -83,19 +87,25 @@ class _Pool:
         self.slots = slots
         self._free = list(range(slots.count - 1, -1, -1))  # a stack: warm slots are reused
         self._freed = asyncio.Event()
+        self._waiting = 0  # callers waiting in take()
 
     def try_take(self) -> int | None:
         return self._free.pop() if self._free else None
 
     async def take(self) -> int:
-        while not self._free:
-            self._freed.clear()
-            await self._freed.wait()
+        self._waiting += 1
+        try:
+            while not self._free:
+                self._freed.clear()
+                await self._freed.wait()
+        finally:
+            self._waiting -= 1
         return self._free.pop()
 
     def give(self, slot: int) -> None:
         self._free.append(slot)
-        self._freed.set()
+        if self._waiting:
+            self._freed.set()
 
     @property
     def free(self) -> int:
@@ -109,6 +119,9 @@ class InputSlot:
     In the JPEGS pool, `array` takes the upload's bytes (`fill`) and the engine decodes them;
     once answered, the slot says how long its decode and preprocessing took there.
     """
+
+    __slots__ = ("array", "conn", "decode_seconds", "held", "kind", "length", "pool",
+                 "preprocess_seconds", "slot")  # fmt: skip
 
     def __init__(self, conn: _Connection, pool: _Pool, slot: int, kind: int = wire.CROPS) -> None:
         self.conn = conn
@@ -138,8 +151,9 @@ class InputSlot:
             self.pool.give(self.slot)
 
 
-# status, batch size, k, seconds queued, in the model, decoding, preprocessing
-Answer = tuple[int, int, int, float, float, float, float]
+# A RESULT frame unpacked: type, request id, status, batch size, k, seconds queued, in the
+# model, decoding, preprocessing
+Answer = tuple[int, int, int, int, int, float, float, float, float]
 
 
 class _Connection(wire.FrameProtocol):
@@ -167,15 +181,15 @@ class _Connection(wire.FrameProtocol):
         self._on_closed = on_closed
 
     def frame(self, frames: bytes, offset: int) -> None:
-        request, *result = wire.parse_result(frames, offset)
-        waiter = self.waiting.pop(request, None)
+        result = wire.RESULT_FRAME.unpack_from(frames, offset)  # the whole frame, as it is
+        waiter = self.waiting.pop(result[1], None)
         if waiter is None:
             return
         answer, pool, slot = waiter
         if answer.done():  # its caller left: the engine is done with the slot now
             pool.give(slot)
         else:
-            answer.set_result(tuple(result))  # type: ignore[arg-type]
+            answer.set_result(result)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -321,9 +335,9 @@ class ProcessEngine:
             conn, kind, pool, slot = taken.conn, taken.kind, taken.pool, taken.hand_over()
             np.copyto(pool.slots.inputs[slot], item)  # the one copy
         assert conn.outbox is not None
-        want = want or Want(embedding=True, logits=True)
+        want = want or EVERYTHING
         request = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Answer] = conn.loop.create_future()
         conn.waiting[request] = (answer, pool, slot)
         bits = (wire.WANT_EMBEDDING if want.embedding else 0) | (
             wire.WANT_LOGITS if want.logits else 0
@@ -333,7 +347,7 @@ class ProcessEngine:
         try:
             # The engine answers every SUBMIT once, by its deadline, or the corridor closes
             # (then every waiting future fails): no timer of our own.
-            status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s = await answer
+            _, _, status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s = await answer
         except asyncio.CancelledError:
             if request in conn.waiting and conn.dead is None:
                 conn.outbox.put(wire.cancel(request))  # its RESULT will free the slot
@@ -367,9 +381,9 @@ class ProcessEngine:
         if status != wire.OK:
             raise _error(status)
         embedding = slots.embedding[slot].copy() if want.embedding else _NOTHING
-        outputs = CorridorOutputs(
-            slots.indices[slot, :k].copy(), slots.scores[slot, :k].copy(), embedding
-        )
+        # The k indices and their scores in one unpack, as Python numbers, without numpy.
+        ranked = _ranked(k, slots.layout.max_k).unpack_from(slots.buffer, slots.outputs_at(slot))
+        outputs = CorridorOutputs(ranked[:k], ranked[k:], embedding)
         return BatchResult(
             logits=slots.logits[slot].copy() if want.logits else _NOTHING,
             embedding=embedding,
@@ -526,6 +540,13 @@ class ProcessEngine:
         self.state, self.reason = state, reason
         if self._on_state is not None:
             self._on_state(state, reason)
+
+
+@functools.lru_cache(maxsize=64)
+def _ranked(k: int, room: int) -> struct.Struct:
+    """Return the layout of a slot's k best indices (int32) and, `room` places on, their
+    scores (float32): service.engine.shm.Slots."""
+    return struct.Struct(f"<{k}i{4 * (room - k)}x{k}f")
 
 
 def _image_error(data: np.ndarray) -> image_errors.ImageError:

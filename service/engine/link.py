@@ -64,12 +64,12 @@ class Link(wire.FrameProtocol):
         self.pid = pid
         self.inputs: dict[int, asyncio.Future[BatchResult | Decoded]] = {}  # by request id
         self.open = True
-        self.gone = asyncio.get_running_loop().create_future()  # set once it is forgotten
+        self.gone = self.loop.create_future()  # set once it is forgotten
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The front end went: drop its work, then clear its cell."""
         self.open = False
-        task = asyncio.get_running_loop().create_task(self._forget())
+        task = self.loop.create_task(self._forget())
         task.add_done_callback(self._forgotten)
 
     def _forgotten(self, _: asyncio.Task[None]) -> None:
@@ -81,49 +81,41 @@ class Link(wire.FrameProtocol):
             self.transport.close()
 
     def frame(self, frames: bytes, offset: int) -> None:
-        kind = frames[offset]
-        if kind == wire.SUBMIT:
-            self._submit(*wire.parse_submit(frames, offset))
-        elif kind == wire.CANCEL:
+        if frames[offset] == wire.SUBMIT:  # inline: the one frame of every input
+            _, request, pool, slot, top_k, want, deadline, length = wire.SUBMIT_FRAME.unpack_from(
+                frames, offset
+            )
+            slots = self.pools.get(pool)
+            if slots is None or not 0 <= slot < slots.count:
+                self._answer(request, wire.INVALID)
+                return
+            future: asyncio.Future[BatchResult | Decoded]
+            if pool == wire.JPEGS:
+                if self.decoder is None or not 0 < length <= slots.layout.input_bytes:
+                    self._answer(request, wire.INVALID)
+                    return
+                data = bytes(slots.inputs[slot, :length])  # its input area holds errors next
+                run = self._decode_then_run(data, deadline or None, _want(top_k, want))
+                future = self.loop.create_task(run)
+            else:
+                try:
+                    future = self.engine.enqueue(  # type: ignore[assignment]
+                        slots.inputs[slot], deadline or None, _want(top_k, want)
+                    )
+                except Exception as exc:
+                    self._answer(request, _status(exc))
+                    return
+            self.inputs[request] = future
+            future.add_done_callback(partial(self._ran, request, slots, slot, top_k, want))
+        elif frames[offset] == wire.CANCEL:
             cancelled = self.inputs.get(wire.parse_cancel(frames, offset))
             if cancelled is not None:
                 cancelled.cancel()  # withdrawn from the batcher unless the model has it
         else:
-            log.error("front end pid %d sent an unknown frame %d; closing it", self.pid, kind)
+            log.error(
+                "front end pid %d sent an unknown frame %d; closing it", self.pid, frames[offset]
+            )
             self.close()
-
-    def _submit(
-        self,
-        request: int,
-        pool: int,
-        slot: int,
-        top_k: int,
-        want: int,
-        deadline: float,
-        length: int,
-    ) -> None:
-        slots = self.pools.get(pool)
-        if slots is None or not 0 <= slot < slots.count:
-            self._answer(request, wire.INVALID)
-            return
-        future: asyncio.Future[BatchResult | Decoded]
-        if pool == wire.JPEGS:
-            if self.decoder is None or not 0 < length <= slots.layout.input_bytes:
-                self._answer(request, wire.INVALID)
-                return
-            data = bytes(slots.inputs[slot, :length])  # the slot's input area holds errors next
-            run = self._decode_then_run(data, deadline or None, _want(top_k, want))
-            future = asyncio.get_running_loop().create_task(run)
-        else:
-            try:
-                future = self.engine.enqueue(  # type: ignore[assignment]
-                    slots.inputs[slot], deadline or None, _want(top_k, want)
-                )
-            except Exception as exc:
-                self._answer(request, _status(exc))
-                return
-        self.inputs[request] = future
-        future.add_done_callback(partial(self._ran, request, slots, slot, top_k, want))
 
     async def _decode_then_run(self, data: bytes, deadline: float | None, want: Want) -> Decoded:
         """Decode and crop one JPEG on the device (batched with others), then queue the crop."""
@@ -173,10 +165,11 @@ class Link(wire.FrameProtocol):
             self._answer(request, wire.FAILED)
             return
         self.engine.completed(1)
-        self._answer(
-            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds,
-            decode_s, preprocess_s,
-        )  # fmt: skip
+        if self.open and self.outbox is not None:
+            self.outbox.put(wire.RESULT_FRAME.pack(
+                wire.RESULT, request, wire.OK, result.batch_size, k, result.queue_seconds,
+                result.infer_seconds, decode_s, preprocess_s,
+            ))  # fmt: skip
 
     def _refuse(self, request: int, slots: Slots, slot: int, exc: ImageError) -> None:
         """Answer a JPEG the decoder refused with its error, written where its bytes were."""
@@ -242,18 +235,14 @@ def _status(exc: BaseException) -> int:
 
 def _write_outputs(slots: Slots, slot: int, result: BatchResult, top_k: int, want: int) -> int:
     """Write one input's requested outputs into its slot; return how many classes it holds."""
-    k = min(top_k, slots.layout.max_k)
-    if k:
-        # Ranked once per batch, on the host or on the device.
-        if result.outputs is not None:
-            indices, scores = result.outputs.best(result.row, k)
-        else:
-            alone = BatchOutputs(result.logits[None, :], result.embedding[None])
-            indices, scores = alone.best(0, k)
-        slots.indices[slot, :k] = indices
-        slots.scores[slot, :k] = scores
-    if want & wire.WANT_EMBEDDING:
-        slots.embedding[slot] = result.embedding
+    room = slots.layout.max_k
+    k = min(top_k, room)
+    if k or want & wire.WANT_EMBEDDING:
+        # Ranked and laid out once per batch (on the host or on the device): one copy here.
+        outputs, row = result.outputs, result.row
+        if outputs is None:
+            outputs, row = BatchOutputs(result.logits[None, :], result.embedding[None]), 0
+        slots.head[slot] = outputs.packed(k, room)[row]
     if want & wire.WANT_LOGITS:
         slots.logits[slot] = result.logits
     return k

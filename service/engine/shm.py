@@ -193,9 +193,10 @@ class Slots:
         self.fd = fd
         self.layout = layout
         self.count = count
-        self._buffer = buffer
+        self.buffer = buffer
         raw = np.frombuffer(buffer, dtype=np.uint8).reshape(count, layout.slot_bytes)
         n_in = layout.input_bytes
+        self._slot_bytes, self._input_bytes = layout.slot_bytes, n_in
         self.inputs = raw[:, :n_in].view(layout.input_dtype).reshape(count, *layout.input_shape)
         k, d, c = layout.max_k, layout.embed_dim, layout.num_classes
         out = raw[:, n_in : n_in + 4 * (2 * k + d + c)]
@@ -203,6 +204,12 @@ class Slots:
         self.scores = out[:, 4 * k : 8 * k].view(np.float32)
         self.embedding = out[:, 8 * k : 8 * k + 4 * d].view(np.float32)
         self.logits = out[:, 8 * k + 4 * d :].view(np.float32)
+        # The indices, scores and embedding together, as 4-byte words: written in one copy.
+        self.head = out[:, : 8 * k + 4 * d].view(np.int32)
+
+    def outputs_at(self, slot: int) -> int:
+        """Return where a slot's outputs begin in `buffer` (its top-k indices first)."""
+        return slot * self._slot_bytes + self._input_bytes
 
     @classmethod
     def create(cls, layout: SlotLayout, count: int, name: str) -> Slots:

@@ -36,7 +36,10 @@ class DrainRate:
 
     def completed(self, count: int) -> None:
         """Count `count` images answered now."""
-        self._times.extend([self._clock()] * count)
+        if count == 1:
+            self._times.append(self._clock())
+        else:
+            self._times.extend([self._clock()] * count)
 
     @property
     def rate(self) -> float | None:

@@ -27,30 +27,27 @@ WANT_EMBEDDING, WANT_LOGITS = 1, 2
 # How a RESULT ended (the front end raises the matching error).
 OK, DEADLINE, CLOSED, FAILED, CANCELLED, FULL, INVALID, BAD_IMAGE = range(8)
 
+# Each frame is packed and unpacked whole, its padding included (one call, no concatenation).
 # type, request id, pool, slot, top_k, want bits, deadline (0 = none), input bytes (JPEGS;
 # 0 otherwise): 25 bytes
-_SUBMIT = struct.Struct("<BIBIHBdI")
+SUBMIT_FRAME = struct.Struct("<BIBIHBdI7x")
 # type, request id
-_CANCEL = struct.Struct("<BI")
+_CANCEL = struct.Struct("<BI27x")
 # type, request id, status, batch size, k, then seconds spent queued, in the model, decoding and
 # preprocessing (the last two by an engine that decoded a JPEG; else 0): 26 bytes. Float32
 # seconds are exact to a microsecond under 8 s, which is all the stage metrics resolve.
-_RESULT = struct.Struct("<BIBHHffff")
-_PAD = bytes(FRAME)
-
-
-def _frame(packed: bytes) -> bytes:
-    return packed + _PAD[len(packed) :]
+RESULT_FRAME = struct.Struct("<BIBHHffff6x")
+assert SUBMIT_FRAME.size == _CANCEL.size == RESULT_FRAME.size == FRAME
 
 
 def submit(
     request: int, pool: int, slot: int, top_k: int, want: int, deadline: float, length: int = 0
 ) -> bytes:
-    return _frame(_SUBMIT.pack(SUBMIT, request, pool, slot, top_k, want, deadline, length))
+    return SUBMIT_FRAME.pack(SUBMIT, request, pool, slot, top_k, want, deadline, length)
 
 
 def cancel(request: int) -> bytes:
-    return _frame(_CANCEL.pack(CANCEL, request))
+    return _CANCEL.pack(CANCEL, request)
 
 
 def result(
@@ -63,17 +60,15 @@ def result(
     decode_s: float = 0.0,
     preprocess_s: float = 0.0,
 ) -> bytes:
-    return _frame(
-        _RESULT.pack(
-            RESULT, request, status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s
-        )
+    return RESULT_FRAME.pack(
+        RESULT, request, status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s
     )
 
 
 def parse_submit(
     frame: bytes | memoryview, offset: int = 0
 ) -> tuple[int, int, int, int, int, float, int]:
-    _, request, pool, slot, top_k, want, deadline, length = _SUBMIT.unpack_from(frame, offset)
+    _, request, pool, slot, top_k, want, deadline, length = SUBMIT_FRAME.unpack_from(frame, offset)
     return request, pool, slot, top_k, want, deadline, length
 
 
@@ -84,7 +79,7 @@ def parse_cancel(frame: bytes | memoryview, offset: int = 0) -> int:
 def parse_result(
     frame: bytes | memoryview, offset: int = 0
 ) -> tuple[int, int, int, int, float, float, float, float]:
-    _, request, status, batch_size, k, *seconds = _RESULT.unpack_from(frame, offset)
+    _, request, status, batch_size, k, *seconds = RESULT_FRAME.unpack_from(frame, offset)
     queue_s, infer_s, decode_s, preprocess_s = seconds
     return request, status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s
 
@@ -111,19 +106,24 @@ class Outbox:
     would cost a send() of its own.
     """
 
-    def __init__(self, writer: asyncio.WriteTransport | asyncio.StreamWriter) -> None:
+    def __init__(
+        self, writer: asyncio.WriteTransport | asyncio.StreamWriter, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._writer = writer
+        # Held, not looked up per frame: asyncio.get_running_loop() costs a getpid() syscall
+        # on Python 3.11.
+        self._loop = loop
         self._frames: list[bytes] = []
 
     def put(self, frame: bytes) -> None:
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._frames.append(frame)
 
     def _flush(self) -> None:
         frames, self._frames = self._frames, []
         if not self._writer.is_closing():
-            self._writer.write(b"".join(frames))
+            self._writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -133,14 +133,18 @@ class FrameProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.outbox: Outbox | None = None
+        self.loop = asyncio.get_running_loop()
         self._pending = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        self.outbox = Outbox(self.transport)
+        self.outbox = Outbox(self.transport, self.loop)
 
     def data_received(self, data: bytes) -> None:
+        if not self._pending and len(data) == FRAME:  # at low rates, every frame comes alone
+            self.frame(data, 0)
+            return
         pending = self._pending + data if self._pending else data
         whole = len(pending) - len(pending) % FRAME
         for start in range(0, whole, FRAME):

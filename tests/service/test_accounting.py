@@ -190,8 +190,10 @@ def test_every_request_received_has_exactly_one_outcome(
                 # the hang-up (else it may be admitted first, and the door refuse the hang-up).
                 await asyncio.to_thread(
                     poll,
-                    lambda: value(scrape(url), CANCELLED, endpoint="embed", outcome=HUNG_UP)
-                    == cancelled + 1,
+                    lambda: (
+                        value(scrape(url), CANCELLED, endpoint="embed", outcome=HUNG_UP)
+                        == cancelled + 1
+                    ),
                     "the hang-up counted",
                     server,
                 )

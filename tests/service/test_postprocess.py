@@ -278,3 +278,42 @@ def test_batch_outputs_postprocess_once_per_batch() -> None:
     assert outputs.probabilities is probabilities  # computed for all rows by the first call
     assert [p.index for p in first] == [0, 1, 2]  # all equal: lowest indices first
     np.testing.assert_allclose(outputs.unit, np.full((3, 4), 0.5, np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_rows_hold_each_rows_ranks_and_embedding_where_a_slot_expects_them(
+    seed: int,
+) -> None:
+    # Built independently: a stable full sort of float64 softmax, then float32 bits.
+    rng = np.random.default_rng(seed)
+    rows, classes, width, room = 3, 40, 16, 10
+    logits = rng.standard_normal((rows, classes)).astype(np.float32)
+    if seed % 2:
+        logits = np.round(logits)  # ties across the k-th place
+    embedding = rng.standard_normal((rows, width)).astype(np.float32)
+    outputs = BatchOutputs(logits, embedding)
+    for k in (0, 1, 5, room):
+        packed = outputs.packed(k, room)
+        assert packed.dtype == np.int32 and packed.shape == (rows, 2 * room + width)
+        assert outputs.packed(k, room) is packed  # once per batch for each k
+        for row in range(rows):
+            probabilities = reference_softmax(logits[row])
+            order = np.argsort(-probabilities, kind="stable")[:k]
+            assert packed[row, :k].tolist() == order.tolist()
+            assert packed[row, k:room].tolist() == [0] * (room - k)
+            scores = packed[row, room : room + k].view(np.float32)
+            assert scores.tolist() == probabilities[order].astype(np.float32).tolist()
+            assert np.array_equal(packed[row, 2 * room :].view(np.float32), embedding[row])
+
+
+def test_packed_rows_of_a_device_ranked_batch_take_its_ranks() -> None:
+    indices = np.array([[4, 1, 0], [2, 3, 1]], np.int64)
+    scores = np.array([[0.5, 0.25, 0.125], [0.75, 0.125, 0.0625]], np.float32)
+    embedding = np.arange(8, dtype=np.float32).reshape(2, 4)
+    outputs = BatchOutputs(None, embedding, ranked=(indices, scores))
+    packed = outputs.packed(2, 3)
+    assert packed[:, :2].tolist() == [[4, 1], [2, 3]]
+    assert packed[:, 3:5].view(np.float32).tolist() == [[0.5, 0.25], [0.75, 0.125]]
+    assert packed[:, 6:].view(np.float32).tolist() == embedding.tolist()
+    with pytest.raises(ValueError, match="ranked only 3"):
+        outputs.packed(4, 5)

@@ -106,6 +106,31 @@ def test_a_jpeg_slot_holds_its_bytes_then_a_refusal_beside_room_for_outputs() ->
     assert len(cut) <= 1100 and name == "CorruptImage" and message == "x" * 1024
 
 
+def test_outputs_written_in_one_copy_read_back_where_each_part_lies() -> None:
+    from service.engine.client import _ranked
+    from service.postprocess import BatchOutputs, best_k, softmax
+
+    layout = SlotLayout((3, 4, 4), "uint8", max_k=5, embed_dim=6, num_classes=9)
+    engines = Slots.create(layout, 3, "test-outputs")
+    fronts = Slots.attach(os.dup(engines.fd), layout, 3)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 9)).astype(np.float32)
+    embedding = rng.standard_normal((2, 6)).astype(np.float32)
+    fronts.inputs[:] = 7
+    engines.head[1] = BatchOutputs(logits, embedding).packed(3, 5)[1]  # as the engine writes
+    order = best_k(softmax(logits[1]), 3)
+    scores = softmax(logits[1])[order].astype(np.float32).tolist()
+    assert fronts.indices[1, :3].tolist() == order
+    assert fronts.scores[1, :3].tolist() == scores
+    assert fronts.embedding[1].tolist() == embedding[1].tolist()
+    # What the front end reads: the k indices and scores in one unpack.
+    ranked = _ranked(3, 5).unpack_from(fronts.buffer, fronts.outputs_at(1))
+    assert list(ranked[:3]) == order and list(ranked[3:]) == scores
+    # Nothing else moved: every input, and the other slots' outputs.
+    assert (fronts.inputs == 7).all()
+    assert not fronts.head[0].any() and not fronts.head[2].any() and not fronts.logits.any()
+
+
 def test_frames_and_the_handshake_round_trip() -> None:
     frame = wire.submit(7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
     assert len(frame) == wire.FRAME and frame[0] == wire.SUBMIT
