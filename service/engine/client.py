@@ -291,6 +291,12 @@ class ProcessEngine:
 
     async def reserve(self) -> InputSlot:
         """Take a crop slot for an image about to be decoded (see InputSlot)."""
+        conn = self._conn
+        if conn is not None and conn.dead is None and self.state == "ready":
+            pool = conn.pools[wire.CROPS]
+            slot = pool.try_take()
+            if slot is not None:  # the usual case, without a second coroutine
+                return InputSlot(conn, pool, slot, wire.CROPS)
         return await self._reserve(wire.CROPS)
 
     async def reserve_jpeg(self, size: int) -> InputSlot | None:
