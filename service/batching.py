@@ -195,6 +195,9 @@ class DynamicBatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._batches: dict[asyncio.Task[None], list[_Pending]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        # The loop it runs on, held once started: asyncio.get_running_loop() costs a getpid()
+        # system call per call on Python 3.11, and enqueue() runs once per input.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._shape: tuple[int, ...] | None = None
         self._in_flight = 0
         self._running_batches = 0  # counted at dispatch, before the batch's task first runs
@@ -271,7 +274,7 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._observe(self._observer.dropped, "deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         pending = _Pending(item, loop.create_future(), now, deadline, logits=logits)
         self._queue.append(pending)
         self._observe(self._observer.queue_depth, len(self._queue))
@@ -326,7 +329,8 @@ class DynamicBatcher:
 
     def _spawn_loop(self) -> None:
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(
+            self._loop = asyncio.get_running_loop()
+            self._loop_task = self._loop.create_task(
                 self._dispatch_loop(), name="dynamic-batcher"
             )
 
