@@ -330,9 +330,7 @@ class DynamicBatcher:
     def _spawn_loop(self) -> None:
         if self._loop_task is None:
             self._loop = asyncio.get_running_loop()
-            self._loop_task = self._loop.create_task(
-                self._dispatch_loop(), name="dynamic-batcher"
-            )
+            self._loop_task = self._loop.create_task(self._dispatch_loop(), name="dynamic-batcher")
 
     def _validate(self, item: Any) -> None:
         shape, dtype = getattr(item, "shape", None), str(getattr(item, "dtype", ""))
