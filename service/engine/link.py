@@ -165,11 +165,10 @@ class Link(wire.FrameProtocol):
             self._answer(request, wire.FAILED)
             return
         self.engine.completed(1)
-        if self.open and self.outbox is not None:
-            self.outbox.put(wire.RESULT_FRAME.pack(
-                wire.RESULT, request, wire.OK, result.batch_size, k, result.queue_seconds,
-                result.infer_seconds, decode_s, preprocess_s,
-            ))  # fmt: skip
+        self._answer(
+            request, wire.OK, result.batch_size, k, result.queue_seconds, result.infer_seconds,
+            decode_s, preprocess_s,
+        )  # fmt: skip
 
     def _refuse(self, request: int, slots: Slots, slot: int, exc: ImageError) -> None:
         """Answer a JPEG the decoder refused with its error, written where its bytes were."""
@@ -194,9 +193,10 @@ class Link(wire.FrameProtocol):
         preprocess_s: float = 0.0,
     ) -> None:
         if self.open and self.outbox is not None:
-            frame = wire.result(request, status, batch_size, k, queue_s, infer_s, decode_s,
-                                preprocess_s)  # fmt: skip
-            self.outbox.put(frame)
+            self.outbox.put(wire.RESULT_FRAME.pack(
+                wire.RESULT, request, status, batch_size, k, queue_s, infer_s, decode_s,
+                preprocess_s,
+            ))  # fmt: skip
 
     async def _forget(self) -> None:
         inputs = list(self.inputs.values())

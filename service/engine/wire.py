@@ -65,23 +65,8 @@ def result(
     )
 
 
-def parse_submit(
-    frame: bytes | memoryview, offset: int = 0
-) -> tuple[int, int, int, int, int, float, int]:
-    _, request, pool, slot, top_k, want, deadline, length = SUBMIT_FRAME.unpack_from(frame, offset)
-    return request, pool, slot, top_k, want, deadline, length
-
-
 def parse_cancel(frame: bytes | memoryview, offset: int = 0) -> int:
     return int(_CANCEL.unpack_from(frame, offset)[1])
-
-
-def parse_result(
-    frame: bytes | memoryview, offset: int = 0
-) -> tuple[int, int, int, int, float, float, float, float]:
-    _, request, status, batch_size, k, *seconds = RESULT_FRAME.unpack_from(frame, offset)
-    queue_s, infer_s, decode_s, preprocess_s = seconds
-    return request, status, batch_size, k, queue_s, infer_s, decode_s, preprocess_s
 
 
 def bad_image(name: str, message: str, room: int) -> bytes:

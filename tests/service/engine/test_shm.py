@@ -134,17 +134,45 @@ def test_outputs_written_in_one_copy_read_back_where_each_part_lies() -> None:
 def test_frames_and_the_handshake_round_trip() -> None:
     frame = wire.submit(7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25)
     assert len(frame) == wire.FRAME and frame[0] == wire.SUBMIT
-    assert wire.parse_submit(frame) == (7, wire.TENSORS, 12, 5, wire.WANT_EMBEDDING, 123.25, 0)
+    assert wire.SUBMIT_FRAME.unpack_from(frame) == (
+        wire.SUBMIT,
+        7,
+        wire.TENSORS,
+        12,
+        5,
+        wire.WANT_EMBEDDING,
+        123.25,
+        0,
+    )
     jpeg = wire.submit(8, wire.JPEGS, 3, 5, wire.WANT_LOGITS, 9.5, 2**32 - 1)
     assert len(jpeg) == wire.FRAME
-    assert wire.parse_submit(jpeg) == (8, wire.JPEGS, 3, 5, wire.WANT_LOGITS, 9.5, 2**32 - 1)
+    assert wire.SUBMIT_FRAME.unpack_from(jpeg) == (
+        wire.SUBMIT,
+        8,
+        wire.JPEGS,
+        3,
+        5,
+        wire.WANT_LOGITS,
+        9.5,
+        2**32 - 1,
+    )
     assert wire.parse_cancel(wire.cancel(2**32 - 1)) == 2**32 - 1
     # Seconds that float32 holds exactly (sums of powers of two), so equality is fair.
     answer = wire.result(9, wire.DEADLINE, 3, 5, 0.25, 0.5, 0.125, 2.0**-10)
     assert len(answer) == wire.FRAME and answer[0] == wire.RESULT
-    assert wire.parse_result(answer) == (9, wire.DEADLINE, 3, 5, 0.25, 0.5, 0.125, 2.0**-10)
+    assert wire.RESULT_FRAME.unpack_from(answer) == (
+        wire.RESULT,
+        9,
+        wire.DEADLINE,
+        3,
+        5,
+        0.25,
+        0.5,
+        0.125,
+        2.0**-10,
+    )
     # A microsecond of a few seconds' stage survives the float32 field.
-    _, _, _, _, queue_s, *_ = wire.parse_result(wire.result(1, wire.OK, 1, 0, 3.000001, 0.0))
+    queue_s = wire.RESULT_FRAME.unpack_from(wire.result(1, wire.OK, 1, 0, 3.000001, 0.0))[5]
     assert abs(queue_s - 3.000001) < 5e-7
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     board = Board.create(generation=3)
