@@ -147,17 +147,24 @@ class BatchOutputs:
         """Return row's k best class indices and their probabilities, best first, exactly as
         best_k() ranks them. Host-ranked batches rank every row at once, on the first call
         for `k`."""
-        if self.ranked is not None and k <= self.ranked[0].shape[1]:
-            indices, scores = self.ranked
-            return indices[row, :k], scores[row, :k]
-        if self.logits is None:
-            width = 0 if self.ranked is None else self.ranked[0].shape[1]
-            raise ValueError(f"asked for top {k}, the device ranked only {width} classes")
+        indices, scores = self.ranks(k)
+        return indices[row], scores[row]
+
+    def ranks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return every row's k best class indices and their probabilities, `[B, k]` each:
+        the device's ranking cut to k, or the host's, made once per batch for each k."""
         ranks = self._ranks.get(k)
         if ranks is None:
-            indices = best_k_rows(self.probabilities, k)
-            ranks = self._ranks[k] = (indices, np.take_along_axis(self.probabilities, indices, 1))
-        return ranks[0][row], ranks[1][row]
+            if self.ranked is not None and k <= self.ranked[0].shape[1]:
+                ranks = (self.ranked[0][:, :k], self.ranked[1][:, :k])
+            elif self.logits is None:
+                width = 0 if self.ranked is None else self.ranked[0].shape[1]
+                raise ValueError(f"asked for top {k}, the device ranked only {width} classes")
+            else:
+                indices = best_k_rows(self.probabilities, k)
+                ranks = (indices, np.take_along_axis(self.probabilities, indices, 1))
+            self._ranks[k] = ranks
+        return ranks
 
     @cached_property
     def _ranks(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -174,11 +181,7 @@ class BatchOutputs:
             count, width = self.embedding.shape
             rows = np.zeros((count, 2 * room + width), np.int32)
             if k:
-                self.best(0, k)  # ranks every row (or checks that the device ranked k)
-                if self.ranked is not None and k <= self.ranked[0].shape[1]:
-                    indices, scores = self.ranked[0][:, :k], self.ranked[1][:, :k]
-                else:
-                    indices, scores = self._ranks[k]
+                indices, scores = self.ranks(k)
                 rows[:, :k] = indices
                 rows[:, room : room + k] = scores.astype(np.float32).view(np.int32)
             rows[:, 2 * room :] = self.embedding.astype(np.float32).view(np.int32)
